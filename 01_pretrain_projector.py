@@ -1,0 +1,13 @@
+"""Stage 1: train the projector (QueCC + MLP) on image-caption pairs, LLM and vision frozen.
+
+LLaVA-1.5 numbers: lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, no weight decay.
+Unlike LLaVA's `plain` template the human turn stays in the sequence, because QueCC
+needs the question as its query (as in the paper's release); only the caption carries loss.
+
+    python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 \\
+        --data blip_laion_cc_sbu_558k.json --image-folder images --output-dir runs/stage1
+"""
+import train
+
+if __name__ == "__main__":
+    train.main(dict(name="stage 1", description=__doc__, lr=1e-3, batch_size=256, train_llm=False))

@@ -1,0 +1,12 @@
+"""Stage 2: train the projector and the LLM on instruction data, vision frozen.
+
+LLaVA-1.5 numbers: lr 2e-5, global batch 128, 1 epoch, warmup 3%, cosine, no weight decay;
+loss on assistant turns only, in the LLM's own chat template. Start from stage 1's projector.
+
+    accelerate launch 02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 --projector runs/stage1 \\
+        --data llava_v1_5_mix665k.json --image-folder images --output-dir runs/stage2
+"""
+import train
+
+if __name__ == "__main__":
+    train.main(dict(name="stage 2", description=__doc__, lr=2e-5, batch_size=128, train_llm=True))

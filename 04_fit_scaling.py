@@ -1,0 +1,710 @@
+"""Fit, test and plot the inference-time scaling law of arXiv 2411.03312:
+
+    error(N, V) = A * N^(-alpha) * V^(-beta) + D
+
+N: LLM parameters (billions), V: visual tokens per image, error: 1 - accuracy
+averaged over a benchmark suite. Inference cost: FLOPs = 2 N (Q + V + G), with
+Q text tokens (0 when the prompt is cached) and G generated tokens.
+
+The release samples 20% of a 5,000,000-point grid in random order: about 7
+minutes, a different answer on each run, no uncertainty. This script
+  1. evaluates the whole grid exactly (for fixed alpha and beta the SSE is a
+     quadratic in A and D, so five sums per (alpha, beta) replace 28 residuals
+     per grid point),
+  2. refines continuously inside the same box (A and D in closed form, alpha
+     and beta by a zooming grid search),
+  3. bootstraps the (N, V) cells for 95% intervals,
+  4. finds the compute-optimal (N, V), checks extrapolation, draws the plots.
+
+  python 04_fit_scaling.py --paper
+  python 04_fit_scaling.py --scores runs/eval/results.jsonl --suite gqa,pope
+  python 04_fit_scaling.py --paper --budget 1e11 --text-tokens 50
+  python 04_fit_scaling.py --paper --holdout-largest --no-plots
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+PROG = "04_fit_scaling.py"
+PAPER_DATA = Path(__file__).resolve().parent / "published" / "paper_visual_reasoning.csv"
+PARAMS = ("A", "alpha", "beta", "D")
+# The release's grid: (low, high, points). --range moves the ends, never the resolution.
+PAPER_BOX = {"A": (0.2, 0.7, 50), "alpha": (0.0, 0.2, 100), "beta": (0.0, 0.05, 100), "D": (0.0, 0.3, 10)}
+VALID_TOKENS = np.array([1, 4, 16, 36, 64, 144, 576])  # what the compressor can produce from 24x24 patches
+N_RANGE = (0.5, 20.0)  # LLM sizes (billions) the compute-optimal search may pick
+TEXT_LENGTHS = (0, 10, 50, 100, 200)
+PLOTTED_TEXT_LENGTHS = (0, 50)  # the paper's Figure 1a (cached text) and 1b
+ZOOM_POINTS = 11  # per axis: the window is the current best +- one step
+ZOOM_LEVELS = 10  # each level shrinks the step 5x: 0.002 / 5^10 ~ 2e-10 in alpha
+
+
+class BadInput(Exception):
+    """Input the script refuses: main prints it as one line and exits with status 2."""
+
+
+# -----------------------------------------------------------------------------
+# arguments
+
+def parse_range(text):
+    """NAME=LO:HI for --range, e.g. alpha=0:0.4."""
+    try:
+        name, bounds = text.split("=")
+        lo, hi = (float(b) for b in bounds.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=LO:HI")
+    if name not in PARAMS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(PARAMS)}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO < HI (a negative D or exponent is meaningless)")
+    return name, lo, hi
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--scores", metavar="FILE", help="CSV or JSONL rows: params_b, tokens and score (accuracy in "
+                      "[0, 1]) or normalized + benchmark (03_evaluate.py's results.jsonl)")
+    data.add_argument("--paper", action="store_true", help="the paper's 28 published visual-reasoning averages")
+    p.add_argument("--suite", help="comma-separated benchmark names to average (default: all in the file)")
+    p.add_argument("--compressor", help="keep the rows of this compressor (needed when the file has several)")
+    p.add_argument("--range", action="append", type=parse_range, default=[], metavar="NAME=LO:HI",
+                   help="move a parameter's search range (repeatable); default: the release's grid")
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000, help="resamples for the 95%% intervals (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--generated-tokens", type=non_negative_int, default=0, metavar="G", help="G in 2N(Q + V + G)")
+    p.add_argument("--budget", type=positive_float, metavar="FLOPS", help="print the best (N, V) within this budget")
+    p.add_argument("--text-tokens", type=non_negative_int, default=0, metavar="Q", help="Q for --budget")
+    p.add_argument("--holdout-largest", action="store_true", help="fit without the largest N, report its prediction error")
+    p.add_argument("--output-dir", default="out/fit_scaling", help="fit.json and the plots go here")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# load: rows -> one averaged error per (N, V) cell
+
+@dataclass
+class Cells:
+    """The points the law is fitted to, one per (N, V) cell."""
+    N: np.ndarray  # LLM parameters, billions
+    V: np.ndarray  # visual tokens
+    error: np.ndarray  # 1 - accuracy averaged over the cell's benchmarks
+    source: str
+    benchmarks: list  # the benchmark names averaged ([] when the file names none)
+
+    def subset(self, keep):
+        return Cells(self.N[keep], self.V[keep], self.error[keep], self.source, self.benchmarks)
+
+
+def read_records(path):
+    """(line number, row dict) for every data line of a CSV or JSONL file; lines starting with # are comments."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: cannot read the file ({getattr(e, 'strerror', None) or e})")
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise BadInput(f"{path}: no data rows")
+    if lines[0][1].lstrip().startswith("{"):
+        return [(i, parse_json_line(path, i, line)) for i, line in lines]
+    header_line, header = lines[0][0], [h.strip() for h in next(csv.reader([lines[0][1]]))]
+    records = []
+    for i, line in lines[1:]:
+        values = next(csv.reader([line]))
+        if len(values) != len(header):
+            raise BadInput(f"{path}, line {i}: {len(values)} fields, but the header (line {header_line}) has {len(header)}")
+        records.append((i, dict(zip(header, (v.strip() for v in values)))))
+    if not records:
+        raise BadInput(f"{path}: a header but no data rows")
+    return records
+
+
+def parse_json_line(path, i, line):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}, line {i}: not valid JSON ({e.msg})")
+    if not isinstance(row, dict):
+        raise BadInput(f"{path}, line {i}: expected a JSON object")
+    return row
+
+
+def select_records(records, path, suite, compressor):
+    """Keep one compressor's rows (averaging several would mix different models) and the chosen benchmarks."""
+    compressors = sorted({str(row["compressor"]) for _, row in records if "compressor" in row})
+    if compressor is not None:
+        records = [(i, row) for i, row in records if str(row.get("compressor")) == compressor]
+        if not records:
+            raise BadInput(f"{path}: no rows with compressor {compressor!r} (the file has: {', '.join(compressors) or 'none'})")
+    elif len(compressors) > 1:
+        raise BadInput(f"{path}: rows from several compressors ({', '.join(compressors)}): pick one with --compressor")
+    if suite is None:
+        return records
+    if any("benchmark" not in row for _, row in records):
+        line = next(i for i, row in records if "benchmark" not in row)
+        raise BadInput(f"{path}, line {line}: --suite needs a benchmark column, this row has none")
+    wanted = {name.strip().lower() for name in suite.split(",") if name.strip()}
+    present = {str(row["benchmark"]).lower() for _, row in records}
+    if wanted - present:
+        raise BadInput(f"{path}: no rows for benchmark(s) {', '.join(sorted(wanted - present))} "
+                       f"(the file has: {', '.join(sorted(present))})")
+    return [(i, row) for i, row in records if str(row["benchmark"]).lower() in wanted]
+
+
+def number(row, column, where):
+    value = row[column]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{where}: {column} = {value!r} is not a number")
+    if not math.isfinite(x):
+        raise BadInput(f"{where}: {column} = {value!r} is not finite")
+    return x
+
+
+def average_cells(records, path):
+    """Validate every row and average each (N, V) cell over its benchmarks. Returns (Cells, warnings)."""
+    # results.jsonl carries raw metrics (MME ~1500) in score and [0, 1] values in normalized: prefer those.
+    value_column = "normalized" if any("normalized" in row for _, row in records) else "score"
+    needed = ("params_b", "tokens", value_column) + (("benchmark",) if value_column == "normalized" else ())
+    per_cell = defaultdict(lambda: defaultdict(list))  # (N, V) -> benchmark -> values
+    for i, row in records:
+        where = f"{path}, line {i}"
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise BadInput(f"{where}: missing column(s) {', '.join(missing)} (the row has: {', '.join(row) or 'nothing'}); "
+                           "rows need params_b, tokens and score (accuracy in [0, 1]) or normalized with benchmark")
+        n, v, s = (number(row, c, where) for c in ("params_b", "tokens", value_column))
+        if n <= 0:
+            raise BadInput(f"{where}: params_b = {n:g} must be positive (billions of LLM parameters)")
+        if v <= 0:
+            raise BadInput(f"{where}: tokens = {v:g} must be positive (visual tokens per image)")
+        if not 0 <= s <= 1:
+            raise BadInput(f"{where}: {value_column} = {s:g} is outside [0, 1] (an accuracy)")
+        per_cell[(n, v)][str(row.get("benchmark", ""))].append(s)
+
+    warnings = []
+    repeated = sum(len(values) > 1 for cell in per_cell.values() for values in cell.values())
+    if repeated:
+        warnings.append(f"{path}: {repeated} (N, V, benchmark) combinations appear on several rows: their values are averaged")
+    suites = {cell: frozenset(by_benchmark) for cell, by_benchmark in per_cell.items()}
+    all_benchmarks = frozenset().union(*suites.values())
+    uneven = {cell: all_benchmarks - names for cell, names in suites.items() if names != all_benchmarks}
+    if uneven:
+        examples = "; ".join(f"N={n:g} V={v:g} lacks {', '.join(sorted(lack))}" for (n, v), lack in sorted(uneven.items())[:4])
+        warnings.append(f"{path}: cells cover different benchmark sets, so their averages are not comparable "
+                        f"({len(uneven)} of {len(suites)} cells incomplete: {examples})")
+
+    cells = sorted(per_cell)
+    accuracy = [np.mean([np.mean(values) for values in per_cell[cell].values()]) for cell in cells]
+    benchmarks = sorted(b for b in all_benchmarks if b)
+    return Cells(np.array([c[0] for c in cells]), np.array([c[1] for c in cells]),
+                 1 - np.array(accuracy), str(path), benchmarks), warnings
+
+
+def check_identifiable(cells, what=""):
+    """The law has 4 parameters, one exponent per axis: refuse data that cannot pin them down."""
+    if len(cells.N) < len(PARAMS):
+        raise BadInput(f"{cells.source}{what}: only {len(cells.N)} distinct (N, V) cells, fewer than the law's "
+                       f"{len(PARAMS)} parameters (A, alpha, beta, D)")
+    if len(np.unique(cells.N)) < 2:
+        raise BadInput(f"{cells.source}{what}: every row has params_b = {cells.N[0]:g}; alpha (the LLM-size exponent) "
+                       "needs at least two LLM sizes")
+    if len(np.unique(cells.V)) < 2:
+        raise BadInput(f"{cells.source}{what}: every row has tokens = {cells.V[0]:g}; beta (the visual-token exponent) "
+                       "needs at least two token counts")
+
+
+def load_cells(path, suite, compressor):
+    records = select_records(read_records(path), path, suite, compressor)
+    cells, warnings = average_cells(records, path)
+    check_identifiable(cells)
+    return cells, warnings
+
+
+# -----------------------------------------------------------------------------
+# fit
+
+def search_box(ranges):
+    box = dict(PAPER_BOX)
+    for name, lo, hi in ranges:
+        box[name] = (lo, hi, PAPER_BOX[name][2])
+    return box
+
+
+def axis(bounds):
+    return np.linspace(*bounds)
+
+
+def law(p, N, V):
+    return p["A"] * N ** -p["alpha"] * V ** -p["beta"] + p["D"]
+
+
+def basis(alpha, beta, logN, logV):
+    """x = N^-alpha V^-beta for each (alpha, beta); the data points on a new last axis."""
+    return np.exp(-(alpha[..., None] * logN + beta[..., None] * logV))
+
+
+def moments(X, W, y):
+    """The weighted sums the SSE needs, for each (alpha, beta) row of X and each weight column of W.
+
+    X is (K, n), shared by all weight columns, or (K, B, n), one per column; W is (n, B)."""
+    Wy = W * y[:, None]
+    dot = (lambda a, w: a @ w) if X.ndim == 2 else (lambda a, w: np.einsum("kbn,nb->kb", a, w))
+    return {"Sx": dot(X, W), "Sxx": dot(X * X, W), "Sxy": dot(X, Wy),
+            "S": W.sum(0), "Sy": Wy.sum(0), "Syy": (Wy * y[:, None]).sum(0)}
+
+
+def quadratic_sse(m, A, D):
+    """sum w (A x + D - y)^2 expanded, so it costs the same for one data point or a thousand."""
+    return A * A * m["Sxx"] + 2 * A * D * m["Sx"] + D * D * m["S"] - 2 * A * m["Sxy"] - 2 * D * m["Sy"] + m["Syy"]
+
+
+def fit_full_grid(cells, box, alpha_chunk=10):
+    """The exact optimum of the release's 4-D grid, every point evaluated, in chunks of alpha to bound memory."""
+    logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
+    A, alphas, betas, D = (axis(box[name]) for name in PARAMS)
+    best = (np.inf, None)
+    for start in range(0, len(alphas), alpha_chunk):
+        alpha, beta = (g.ravel() for g in np.meshgrid(alphas[start:start + alpha_chunk], betas, indexing="ij"))
+        m = {k: v[..., None] for k, v in moments(basis(alpha, beta, logN, logV), np.ones((len(y), 1)), y).items()}
+        sse = quadratic_sse(m, A[:, None], D[None, :])  # (alpha x beta, A, D)
+        k, i, j = np.unravel_index(sse.argmin(), sse.shape)
+        if sse[k, i, j] < best[0]:
+            best = (sse[k, i, j], {"A": A[i], "alpha": alpha[k], "beta": beta[k], "D": D[j]})
+    return with_goodness(best[1], cells)
+
+
+def solve_amplitude_and_floor(m, box):
+    """Least-squares A and D inside the box for fixed (alpha, beta), in closed form.
+
+    The SSE is a convex quadratic in (A, D), so its minimum over the box is the
+    free minimum when that lies inside, else the best of the four edge minima
+    (each a 1-D solve, clipped). Returns A, D and SSE shaped like the moments."""
+    (a_lo, a_hi, _), (d_lo, d_hi, _) = box["A"], box["D"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        det = m["Sxx"] * m["S"] - m["Sx"] ** 2  # 0 at alpha = beta = 0, where A and D act as one number
+        A_free = (m["S"] * m["Sxy"] - m["Sx"] * m["Sy"]) / det
+        D_free = (m["Sxx"] * m["Sy"] - m["Sx"] * m["Sxy"]) / det
+    edge = lambda value: np.full_like(A_free, value)
+    candidates = [(A_free, D_free)]
+    candidates += [(edge(a), np.clip((m["Sy"] - a * m["Sx"]) / m["S"], d_lo, d_hi)) for a in (a_lo, a_hi)]
+    candidates += [(np.clip((m["Sxy"] - d * m["Sx"]) / m["Sxx"], a_lo, a_hi), edge(d)) for d in (d_lo, d_hi)]
+    A, D = (np.stack(c) for c in zip(*candidates))
+    sse = quadratic_sse(m, A, D)
+    inside = (det > 0) & (a_lo <= A_free) & (A_free <= a_hi) & (d_lo <= D_free) & (D_free <= d_hi)
+    sse[0] = np.where(inside, sse[0], np.inf)
+    best = sse.argmin(0)[None]
+    return tuple(np.take_along_axis(a, best, 0)[0] for a in (A, D, sse))
+
+
+def fit_continuous(cells, box, W):
+    """Least squares inside the box, one fit per weight column of W (ones: the plain fit; counts: bootstrap).
+
+    A and D are solved exactly for each (alpha, beta); (alpha, beta) come from
+    the release's 100 x 100 grid, then a window of +- one step around the best
+    point, shrunk 5x per level. The best point is always a candidate, so the
+    result is never worse than the whole 4-D grid's optimum."""
+    logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
+    alphas, betas = axis(box["alpha"]), axis(box["beta"])
+    alpha, beta = (g.ravel() for g in np.meshgrid(alphas, betas, indexing="ij"))
+    _, _, sse = solve_amplitude_and_floor(moments(basis(alpha, beta, logN, logV), W, y), box)
+    alpha, beta = alpha[sse.argmin(0)], beta[sse.argmin(0)]
+
+    offsets = np.linspace(-1, 1, ZOOM_POINTS)
+    d_alpha, d_beta = (g.ravel()[:, None] for g in np.meshgrid(offsets, offsets, indexing="ij"))
+    step_alpha, step_beta, columns = alphas[1] - alphas[0], betas[1] - betas[0], np.arange(W.shape[1])
+    for _ in range(ZOOM_LEVELS):
+        a = np.clip(alpha + step_alpha * d_alpha, *box["alpha"][:2])
+        b = np.clip(beta + step_beta * d_beta, *box["beta"][:2])
+        A, D, sse = solve_amplitude_and_floor(moments(basis(a, b, logN, logV), W, y), box)
+        k = sse.argmin(0)
+        alpha, beta = a[k, columns], b[k, columns]
+        step_alpha, step_beta = step_alpha / ((ZOOM_POINTS - 1) / 2), step_beta / ((ZOOM_POINTS - 1) / 2)
+    return {"A": A[k, columns], "alpha": alpha, "beta": beta, "D": D[k, columns]}
+
+
+def with_goodness(p, cells):
+    """Parameters as floats plus SSE (recomputed directly, not from the expanded quadratic) and R^2."""
+    p = {name: float(p[name]) for name in PARAMS}
+    residual = law(p, cells.N, cells.V) - cells.error
+    sse = float(residual @ residual)
+    spread = cells.error - cells.error.mean()
+    return {**p, "ratio": p["alpha"] / p["beta"] if p["beta"] > 0 else math.inf,
+            "sse": sse, "r2": 1 - sse / float(spread @ spread)}
+
+
+def fit_law(cells, box):
+    one = fit_continuous(cells, box, np.ones((len(cells.N), 1)))
+    return with_goodness({name: values[0] for name, values in one.items()}, cells)
+
+
+def edge_warnings(p, box, label):
+    """An optimum on the box's edge is the box's answer, not the data's: say so."""
+    warnings = []
+    for name in PARAMS:
+        lo, hi, _ = box[name]
+        for side, bound in (("lower", lo), ("upper", hi)):
+            if abs(p[name] - bound) > 1e-6 * (hi - lo):
+                continue
+            why = (f"widen it with --range {name}=LO:HI" if not (name == "D" and side == "lower") else
+                   "the fit would push the irreducible error below 0, which is meaningless (left free, the law "
+                   "degenerates to a log-linear one with alpha -> 0 and a huge A), so D is held at 0")
+            warnings.append(f"{label}: {name} = {p[name]:.4g} sits on the {side} edge of its range [{lo:g}, {hi:g}]; {why}")
+    return warnings
+
+
+# -----------------------------------------------------------------------------
+# bootstrap: resample the cells with replacement, refit each resample
+
+def identifiable(cells, idx):
+    """Per resample (row of idx): two N, two V and four distinct cells, as check_identifiable asks of the data."""
+    N, V, ordered = cells.N[idx], cells.V[idx], np.sort(idx, axis=1)
+    distinct = (np.diff(ordered, axis=1) != 0).sum(1) + 1
+    return (N != N[:, :1]).any(1) & (V != V[:, :1]).any(1) & (distinct >= len(PARAMS))
+
+
+def bootstrap_weights(cells, resamples, seed):
+    """Resamples as counts per cell (n, resamples); ones that cannot identify the law are drawn again."""
+    rng, n = np.random.default_rng(seed), len(cells.N)
+    idx = rng.integers(0, n, (resamples, n))
+    for _ in range(1000):
+        bad = ~identifiable(cells, idx)
+        if not bad.any():
+            break
+        idx[bad] = rng.integers(0, n, (bad.sum(), n))
+    else:
+        raise BadInput(f"{cells.source}: too few cells to bootstrap (resamples keep losing an N or a V); use --bootstrap 0")
+    W = np.zeros((n, resamples))
+    np.add.at(W, (idx, np.arange(resamples)[:, None]), 1)
+    return W
+
+
+def bootstrap(cells, box, resamples, seed, chunk=100):
+    W = bootstrap_weights(cells, resamples, seed)
+    fits = []
+    with tqdm(total=resamples, desc="bootstrap", unit="fit", leave=False) as bar:
+        for start in range(0, resamples, chunk):  # chunks bound the (grid x resamples) arrays to ~10 MB each
+            fits.append(fit_continuous(cells, box, W[:, start:start + chunk]))
+            bar.update(fits[-1]["A"].size)
+    boot = {name: np.concatenate([f[name] for f in fits]) for name in PARAMS}
+    with np.errstate(divide="ignore"):
+        boot["ratio"] = np.where(boot["beta"] > 0, boot["alpha"] / boot["beta"], np.inf)
+    return boot
+
+
+def interval(samples):
+    """95% percentile interval; actual sample values, so discrete V stays in its set and inf stays inf."""
+    return [float(q) for q in np.quantile(samples, [0.025, 0.975], method="inverted_cdf")]
+
+
+# -----------------------------------------------------------------------------
+# compute-optimal analysis
+
+def inference_flops(N, V, Q, G):
+    return 2e9 * N * (Q + V + G)
+
+
+def optimal_tokens_continuous(alpha, beta, Q, G):
+    """Budget-free optimal V. At fixed FLOPs, N = F / 2(Q + V + G), so error - D is proportional to
+    (Q + V + G)^alpha V^-beta, smallest at V = beta (Q + G) / (alpha - beta); clipped to [1, 576]."""
+    alpha, beta = np.asarray(alpha, float), np.asarray(beta, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(alpha > beta, beta * (Q + G) / (alpha - beta), np.inf)  # alpha <= beta: tokens always pay
+    return np.clip(v, VALID_TOKENS[0], VALID_TOKENS[-1])
+
+
+def optimal_tokens_valid(alpha, beta, Q, G):
+    """The best V the compressor can produce, by the same budget-free criterion."""
+    V = VALID_TOKENS[:, None]
+    cost = np.atleast_1d(alpha)[None] * np.log(Q + G + V) - np.atleast_1d(beta)[None] * np.log(V)
+    return VALID_TOKENS[cost.argmin(0)]
+
+
+def best_config(p, budgets, Q, G):
+    """Lowest predicted error within each budget: for each valid V the largest N in range it affords."""
+    V = VALID_TOKENS[:, None]
+    N = np.minimum(N_RANGE[1], np.atleast_1d(budgets)[None] / inference_flops(1, V, Q, G))
+    error = np.where(N >= N_RANGE[0], law(p, N, V), np.inf)
+    k, columns = error.argmin(0), np.arange(N.shape[1])
+    return N[k, columns], VALID_TOKENS[k], error[k, columns]
+
+
+def optimal_tokens_table(fit, boot, G):
+    rows = []
+    for Q in TEXT_LENGTHS:
+        row = {"text_tokens": Q, "v_star": float(optimal_tokens_continuous(fit["alpha"], fit["beta"], Q, G)),
+               "best_valid_v": int(optimal_tokens_valid(fit["alpha"], fit["beta"], Q, G)[0])}
+        if boot is not None:
+            row["v_star_ci"] = interval(optimal_tokens_continuous(boot["alpha"], boot["beta"], Q, G))
+            row["best_valid_v_ci"] = [int(v) for v in interval(optimal_tokens_valid(boot["alpha"], boot["beta"], Q, G))]
+        rows.append(row)
+    return rows
+
+
+def budget_query(fit, budget, Q, G):
+    N, V, error = (a[0] for a in best_config(fit, budget, Q, G))
+    if not np.isfinite(error):
+        smallest = inference_flops(N_RANGE[0], VALID_TOKENS[0], Q, G)
+        raise BadInput(f"--budget {budget:g} FLOPs is below the cheapest configuration ({N_RANGE[0]:g}B LLM, "
+                       f"1 visual token, Q = {Q}, G = {G}): {smallest:.3g} FLOPs")
+    return {"budget": budget, "text_tokens": Q, "generated_tokens": G, "params_b": float(N), "tokens": int(V),
+            "predicted_error": float(error), "flops_used": float(inference_flops(N, V, Q, G))}
+
+
+def holdout_largest(cells, box):
+    """Fit without the largest LLM, predict it: the paper's check (0.5B-7B predicting 14B within 2%)."""
+    largest = cells.N.max()
+    train, test = cells.subset(cells.N < largest), cells.subset(cells.N == largest)
+    check_identifiable(train, f" without N = {largest:g}")
+    fit = fit_law(train, box)
+    predicted = law(fit, test.N, test.V)
+    relative = np.abs(predicted - test.error) / test.error
+    return {"held_out_params_b": float(largest), "fit": fit,
+            "mean_relative_error": float(relative.mean()), "max_relative_error": float(relative.max()),
+            "cells": [{"tokens": float(v), "observed_error": float(o), "predicted_error": float(e), "relative_error": float(r)}
+                      for v, o, e, r in zip(test.V, test.error, predicted, relative)]}
+
+
+# -----------------------------------------------------------------------------
+# plots
+
+def save_plots(cells, fit, boot, G, out_dir):
+    import matplotlib  # here, not at the top: --no-plots runs skip its ~1 s import
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for Q in PLOTTED_TEXT_LENGTHS:
+        fig = plot_error_vs_flops(plt, cells, fit, boot, Q, G)
+        paths += save_figure(plt, fig, out_dir / f"scaling_q{Q}")
+    paths += save_figure(plt, plot_optimal_tokens(plt, fit, boot, G), out_dir / "optimal_tokens")
+    return paths
+
+
+def save_figure(plt, fig, stem):
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def marker_size(V):
+    return np.interp(np.log(V), [0, np.log(VALID_TOKENS[-1])], [18, 260])
+
+
+def ci_text(boot, name):
+    return "" if boot is None else " [{:.3g}, {:.3g}]".format(*interval(boot[name]))
+
+
+def plot_error_vs_flops(plt, cells, fit, boot, Q, G):
+    """The paper's Figure 1a (Q = 0) / 1b (Q = 50): data, fitted curves, compute-optimal frontier."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sizes = np.unique(cells.N)
+    colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.8, len(sizes)))
+    curve_V = np.geomspace(1, VALID_TOKENS[-1], 200)
+    for N, color in zip(sizes, colors):
+        at = cells.N == N
+        ax.scatter(inference_flops(N, cells.V[at], Q, G), cells.error[at], s=marker_size(cells.V[at]),
+                   color=color, edgecolor="black", linewidth=0.5, zorder=3)
+        ax.plot(inference_flops(N, curve_V, Q, G), law(fit, N, curve_V), color=color, lw=2, label=f"N = {N:g}B")
+
+    budgets = np.geomspace(inference_flops(N_RANGE[0], 1, Q, G), inference_flops(N_RANGE[1], VALID_TOKENS[-1], Q, G), 400)
+    N_opt, V_opt, error_opt = best_config(fit, budgets, Q, G)
+    spent = N_opt < N_RANGE[1]  # past the largest LLM the budget can no longer be spent on N: stop the line there
+    used = ", ".join(str(v) for v in sorted(set(V_opt[spent].tolist())))
+    ax.plot(budgets[spent], error_opt[spent], color="black", ls=":", lw=2.5,
+            label=f"compute-optimal\n{N_RANGE[0]:g}B-{N_RANGE[1]:g}B, V = {used}")
+
+    ax.set_xscale("log")
+    ax.set_xlabel(f"inference FLOPs = 2N(Q + V{' + G' if G else ''}),  Q = {Q}{f', G = {G}' if G else ''}")
+    ax.set_ylabel("average downstream error")
+    cached = " (cached text)" if Q == 0 else ""
+    ax.set_title(f"Q = {Q} text tokens{cached}:  α = {fit['alpha']:.4f}{ci_text(boot, 'alpha')},  "
+                 f"β = {fit['beta']:.4f}{ci_text(boot, 'beta')}", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    first = ax.legend(loc="upper right", fontsize=9, title="LLM size (fitted law)", title_fontsize=9)
+    ax.add_artist(first)
+    token_handles = [ax.scatter([], [], s=marker_size(v), color="lightgray", edgecolor="black", linewidth=0.5)
+                     for v in VALID_TOKENS]
+    ax.legend(token_handles, [str(v) for v in VALID_TOKENS], loc="lower left", fontsize=8, title="visual tokens V",
+              title_fontsize=9, ncol=len(VALID_TOKENS), columnspacing=0.8, handletextpad=0.2, borderpad=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_optimal_tokens(plt, fit, boot, G):
+    """The paper's Figure 3a: compute-optimal visual tokens against text tokens."""
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    Q = np.linspace(0, TEXT_LENGTHS[-1], 401)
+    ax.plot(Q, optimal_tokens_continuous(fit["alpha"], fit["beta"], Q, G), color="tab:blue", lw=2,
+            label="optimal V (continuous)")
+    if boot is not None:
+        band = optimal_tokens_continuous(boot["alpha"][:, None], boot["beta"][:, None], Q[None], G)
+        low, high = np.quantile(band, [0.025, 0.975], axis=0, method="inverted_cdf")
+        ax.fill_between(Q, low, high, color="tab:blue", alpha=0.2, label="95% bootstrap interval")
+    valid = [optimal_tokens_valid(fit["alpha"], fit["beta"], q, G)[0] for q in Q]
+    ax.step(Q, valid, where="post", color="tab:red", lw=1.5, label=f"best V in {{{', '.join(map(str, VALID_TOKENS))}}}")
+    ax.set_xlabel(f"text tokens Q{f'  (G = {G} generated)' if G else ''}")
+    ax.set_ylabel("compute-optimal visual tokens V")
+    ax.set_title(f"Optimal V = β(Q + G)/(α − β),  α/β = {fit['ratio']:.2f}{ci_text(boot, 'ratio')}", fontsize=11)
+    ax.set_xlim(0, Q[-1])
+    ax.set_ylim(0, None)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# report and save
+
+def describe(p):
+    return (f"A = {p['A']:.4f}  alpha = {p['alpha']:.5f}  beta = {p['beta']:.5f}  D = {p['D']:.4f}  "
+            f"alpha/beta = {p['ratio']:.3f}  SSE = {p['sse']:.4e}  R^2 = {p['r2']:.4f}")
+
+
+def json_ready(value):
+    """inf (a ratio with beta = 0) is not JSON: write null."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def warn(message, warnings):
+    print(f"warning: {message}", file=sys.stderr)
+    warnings.append(message)
+
+
+def run(args):
+    # load
+    warnings = []
+    cells, load_warnings = load_cells(PAPER_DATA if args.paper else args.scores, args.suite, args.compressor)
+    for message in load_warnings:
+        warn(message, warnings)
+    box = search_box(args.range)
+    print(f"data: {cells.source}: {len(cells.N)} cells, N = {', '.join(f'{n:g}' for n in np.unique(cells.N))} B, "
+          f"V = {', '.join(f'{v:g}' for v in np.unique(cells.V))}"
+          + (f", benchmarks: {', '.join(cells.benchmarks)}" if cells.benchmarks else ""))
+
+    # fit: the whole grid exactly, then the continuous refinement inside the same box
+    start = time.perf_counter()
+    grid = fit_full_grid(cells, box)
+    fit = fit_law(cells, box)
+    fit_seconds = time.perf_counter() - start
+    grid_points = math.prod(b[2] for b in box.values())
+    print(f"full grid ({grid_points:,} points): {describe(grid)}")
+    print(f"refined (continuous):      {describe(fit)}")
+    print(f"fit time: {fit_seconds:.3f} s")
+    for message in edge_warnings(grid, box, "grid optimum") + edge_warnings(fit, box, "refined fit"):
+        warn(message, warnings)
+
+    # bootstrap
+    boot = None
+    if args.bootstrap:
+        start = time.perf_counter()
+        boot = bootstrap(cells, box, args.bootstrap, args.seed)
+        print(f"bootstrap: {args.bootstrap} resamples of the {len(cells.N)} cells in {time.perf_counter() - start:.2f} s; "
+              "95% intervals:")
+        for name in PARAMS + ("ratio",):
+            label = "alpha/beta" if name == "ratio" else name
+            print(f"  {label:<10} {fit[name]:.4g}  [{interval(boot[name])[0]:.4g}, {interval(boot[name])[1]:.4g}]")
+
+    # compute-optimal analysis
+    G = args.generated_tokens
+    table = optimal_tokens_table(fit, boot, G)
+    print(f"compute-optimal visual tokens (any budget where the optimal N stays within {N_RANGE[0]:g}B-{N_RANGE[1]:g}B; "
+          f"G = {G}):")
+    print(f"  {'Q':>4}  {'V* continuous':<24}  best V in {{{', '.join(map(str, VALID_TOKENS))}}}")
+    for row in table:
+        ci = " [{:.3g}, {:.3g}]".format(*row["v_star_ci"]) if boot is not None else ""
+        valid_ci = " [{}, {}]".format(*row["best_valid_v_ci"]) if boot is not None else ""
+        print(f"  {row['text_tokens']:>4}  {row['v_star']:<6.3g}{ci:<18}  {row['best_valid_v']}{valid_ci}")
+    budget = None
+    if args.budget is not None:
+        budget = budget_query(fit, args.budget, args.text_tokens, G)
+        print(f"budget {args.budget:.3g} FLOPs at Q = {args.text_tokens}: N = {budget['params_b']:.3g}B, "
+              f"V = {budget['tokens']}, predicted error {budget['predicted_error']:.4f} "
+              f"(uses {budget['flops_used']:.3g} FLOPs)")
+        if budget["params_b"] == N_RANGE[1]:
+            warn(f"the budget affords more than the largest LLM considered ({N_RANGE[1]:g}B): its leftover goes to tokens", warnings)
+    if max(N_RANGE[1], budget["params_b"] if budget else 0) > cells.N.max():
+        print(f"note: N above {cells.N.max():g}B extrapolates the law beyond the data")
+
+    # extrapolation check
+    holdout = None
+    if args.holdout_largest:
+        holdout = holdout_largest(cells, box)
+        print(f"holdout: fitted without N = {holdout['held_out_params_b']:g}B ({describe(holdout['fit'])})")
+        for c in holdout["cells"]:
+            print(f"  V = {c['tokens']:>4g}: observed error {c['observed_error']:.4f}, predicted "
+                  f"{c['predicted_error']:.4f}, relative error {100 * c['relative_error']:.2f}%")
+        print(f"  mean relative error {100 * holdout['mean_relative_error']:.2f}%, "
+              f"max {100 * holdout['max_relative_error']:.2f}%")
+        for message in edge_warnings(holdout["fit"], box, "holdout fit"):
+            warn(message, warnings)
+
+    # plots
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        paths = save_plots(cells, fit, boot, G, out_dir)
+        print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .pdf)")
+
+    # save
+    result = {**fit, "grid_optimum": grid, "fit_seconds": fit_seconds, "source": cells.source, "n_cells": len(cells.N),
+              "benchmarks": cells.benchmarks, "box": {name: list(b) for name, b in box.items()},
+              "generated_tokens": G, "optimal_v": table, "warnings": warnings}
+    if boot is not None:
+        result.update({f"{name}_ci": interval(boot[name]) for name in PARAMS + ("ratio",)})
+        result.update(bootstrap=args.bootstrap, seed=args.seed)
+    if budget is not None:
+        result["budget"] = budget
+    if holdout is not None:
+        result["holdout"] = holdout
+    (out_dir / "fit.json").write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    print(f"wrote {out_dir / 'fit.json'}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except BadInput as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+# Two entry points, both doing all set-up on a fresh machine:
+#   make demo   the toy-world run on a CPU, nothing downloaded
+#   make test   install and run the test suite
+PY := .venv/bin/python
+
+.venv/ready: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	touch .venv/ready
+
+demo: .venv/ready
+	$(PY) demo.py
+
+test: .venv/ready
+	$(PY) -m pytest -q tests
+
+.PHONY: demo test

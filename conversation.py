@@ -1,0 +1,262 @@
+"""Conversations -> model inputs: LLaVA's JSON format, images, chat templates, label masks, batches.
+
+A record (LLaVA-1.5, REFERENCE.md section 2):
+    {"id": "...", "image": "coco/000.jpg",            # absent for text-only samples
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+Tokenization renders the LLM's own chat template and finds each assistant turn
+by rendering the conversation up to that turn, so the label mask is right for
+any template (ChatML, Vicuna, Llama) without per-template code. Stage 1 uses
+the same path: the human turn stays in the sequence (QueCC needs it as its
+query) and only the caption carries loss.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlm import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+class BadSample(ValueError):
+    """A record that cannot be trained on; the message names the file and the record."""
+
+
+def record_name(path, index, record):
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: record {index}" + (f" (id {rid})" if rid is not None else "")
+
+
+def read_records(path):
+    """A JSON list or JSONL file -> list of records. Malformed JSON names the line."""
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadSample(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    records = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
+    return records
+
+
+def check_record(record, image_folder):
+    """Raise ValueError saying what is wrong with one record; cheap (image headers only)."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise ValueError("no 'conversations' list")
+    turns = record["conversations"]
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"a turn is not {{'from': human|gpt|system, 'value': str}}: {str(turn)[:80]}")
+    if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
+        raise ValueError("no gpt turn with an answer")
+    tags = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t["value"]]
+    if "image" not in record:
+        if tags:
+            raise ValueError(f"'{IMAGE_TOKEN}' in a sample that has no image")
+        return
+    if not isinstance(record["image"], str):
+        raise ValueError("'image' must be one file name (one image per sample)")
+    first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
+    if first_human is None or any(i != first_human for i in tags) or turns[first_human]["value"].count(IMAGE_TOKEN) > 1:
+        raise ValueError(f"'{IMAGE_TOKEN}' must appear once, in the first human turn")
+    path = os.path.join(image_folder, record["image"])
+    try:
+        with Image.open(path):
+            pass
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"unreadable image {path}: {e}") from None
+
+
+def load_records(path, image_folder, skip_bad=False, log=print):
+    """Read and validate the whole file before training starts. A bad record stops the run
+    with its name, or with skip_bad is logged and dropped."""
+    records = read_records(path)
+    kept, bad = [], 0
+    for index, record in enumerate(records):
+        try:
+            check_record(record, image_folder)
+            kept.append(record)
+        except ValueError as e:
+            if not skip_bad:
+                raise BadSample(f"{record_name(path, index, record)}: {e} (or pass --skip-bad-samples)") from None
+            log(f"skipping {record_name(path, index, record)}: {e}")
+            bad += 1
+    if bad:
+        log(f"skipped {bad} bad samples of {len(records)} in {path}")
+    if not kept:
+        raise BadSample(f"{path}: no usable samples")
+    return kept
+
+
+# ---------------------------------------------------------------- images
+
+def to_rgb(image, background):
+    """Any PIL mode -> RGB. Transparency is composited on `background` (not turned black),
+    16-bit and float greyscale are rescaled to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        image = Image.fromarray(((pixels - low) / max(high - low, 1e-12) * 255).astype(np.uint8))
+    if image.mode == "P" or image.mode == "LA" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        canvas = Image.new("RGB", image.size, background)
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def pad_to_square(image, background):
+    """LLaVA-1.5's 'pad' aspect ratio: centre the image on a square of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_image(path, image_processor):
+    """A file -> pixel tensor (3, H, W), padded to square with the processor's mean colour."""
+    background = tuple(int(255 * m) for m in image_processor.image_mean)
+    with Image.open(path) as image:
+        image = pad_to_square(to_rgb(image, background), background)
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+# ---------------------------------------------------------------- text
+
+def to_messages(turns, image_first=True):
+    """LLaVA turns -> chat messages. The image goes where LLaVA puts it (start of the first
+    human turn), or after the question with image_first=False. Also returns the question
+    text: the first human turn without the image, QueCC's query."""
+    messages, question = [], None
+    for turn in turns:
+        text = turn["value"]
+        if IMAGE_TOKEN in text or (question is None and turn["from"] == "human"):
+            has_image = IMAGE_TOKEN in text
+            text = text.replace(IMAGE_TOKEN, "").strip()
+            if question is None and turn["from"] == "human":
+                question = text
+            if has_image:
+                text = f"{IMAGE_TOKEN}\n{text}" if image_first else f"{text}\n{IMAGE_TOKEN}"
+        messages.append({"role": ROLES[turn["from"]], "content": text})
+    return messages, question or ""
+
+
+def assistant_spans(tokenizer, messages):
+    """Character spans of each assistant turn in the rendered conversation: the turn's
+    text plus the template's end-of-turn marker (so the model learns to stop)."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        with_turn = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()
+        if not (with_turn.startswith(prompt) and full.startswith(with_turn)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "labels cannot be placed")
+        spans.append((len(prompt), len(with_turn)))
+    return full, spans
+
+
+def encode_with_image(tokenizer, text, num_visual_tokens):
+    """Tokenize text, expanding the image marker into num_visual_tokens IMAGE_SLOT ids.
+    -> (ids, character offsets of each id)"""
+    ids, offsets, position = [], [], 0
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids += [IMAGE_SLOT] * num_visual_tokens
+            offsets += [(position, position)] * num_visual_tokens
+            position += len(IMAGE_TOKEN)
+        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        ids += encoded["input_ids"]
+        offsets += [(position + a, position + b) for a, b in encoded["offset_mapping"]]
+        position += len(piece)
+    return ids, offsets
+
+
+def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True):
+    """-> dict(input_ids, labels, query_ids). Only assistant turns carry labels. Truncation
+    to max_length never cuts the image span apart: if it would, the sample is refused."""
+    messages, question = to_messages(turns, image_first)
+    text, spans = assistant_spans(tokenizer, messages)
+    ids, offsets = encode_with_image(tokenizer, text, num_visual_tokens)
+    labels = [token if any(a < end and b > start for start, end in spans) and b > a else IGNORE
+              for token, (a, b) in zip(ids, offsets)]
+    if len(ids) > max_length:
+        if IMAGE_SLOT in ids and ids.index(IMAGE_SLOT) + num_visual_tokens > max_length:
+            raise ValueError(f"--max-length {max_length} would cut the image span "
+                             f"(it ends at token {ids.index(IMAGE_SLOT) + num_visual_tokens})")
+        ids, labels = ids[:max_length], labels[:max_length]
+    query_ids = tokenizer(question or "image", add_special_tokens=False)["input_ids"][:max_length]
+    return dict(input_ids=ids, labels=labels, query_ids=query_ids)
+
+
+# ---------------------------------------------------------------- dataset and batches
+
+class SupervisedDataset(Dataset):
+    """Validated records -> tokenized samples with pixel values (None for text-only)."""
+
+    def __init__(self, records, path, image_folder, tokenizer, image_processor, num_visual_tokens,
+                 max_length, image_first=True, skip_bad=False):
+        self.records, self.path, self.image_folder = records, path, image_folder
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+        self.image_first, self.skip_bad = image_first, skip_bad
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        try:
+            sample = tokenize(self.tokenizer, record["conversations"], self.num_visual_tokens,
+                              self.max_length, self.image_first)
+            sample["pixel_values"] = None
+            if "image" in record:
+                image = os.path.join(self.image_folder, record["image"])
+                sample["pixel_values"] = load_image(image, self.image_processor)
+        except Exception as e:
+            if self.skip_bad:  # collate drops it; the loss is normalised by label tokens anyway
+                print(f"skipping {record_name(self.path, index, record)}: {e}")
+                return None
+            raise BadSample(f"{record_name(self.path, index, record)}: {e}") from e
+        return sample
+
+
+def pad(sequences, value):
+    width = max(len(s) for s in sequences)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def collate(samples, pad_id):
+    """Right-padded batch. pixel_values stacks only the samples that have an image, in
+    batch order, which is the order their IMAGE_SLOT positions appear in."""
+    samples = [s for s in samples if s is not None]
+    images = [s for s in samples if s["pixel_values"] is not None]
+    batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id),
+                 labels=pad([s["labels"] for s in samples], IGNORE),
+                 attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0))
+    if images:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in images])
+        batch["query_ids"] = pad([s["query_ids"] for s in images], pad_id)
+        batch["query_mask"] = pad([[1] * len(s["query_ids"]) for s in images], 0)
+    return batch

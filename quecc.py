@@ -1,0 +1,165 @@
+"""The projector: CLIP patch features -> V visual tokens in the LLM's width.
+
+Four compressors share one interface, so every experiment differs by one flag:
+  quecc        the paper's query-conditioned convolutional cross-attention
+  tokenpacker  the same region attention with text-free, bilinear queries
+  pool         average-pool the patch grid to V cells, then the MLP
+  mlp          LLaVA-1.5's projector on all patches (no compression)
+Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM.
+
+QueCC, step by step (Li et al. 2024, section 3; shapes for CLIP-L/336, V = 4):
+  question embedding (B, d_llm) --Linear+LayerNorm--> (B, 1024), added to every patch
+  patches (B, 576, 1024) + question --MLP--> queries on the 24x24 grid
+  depthwise conv, kernel = stride = 24 / sqrt(V) = 12 --> (B, 4, 1024) queries
+  4 encoder layers concatenated (B, 576, 4096) --MLP--> keys, --MLP--> values
+  query r attends only to the 12x12 patches of region r --> (B, 4, 1024)
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COMPRESSORS = ("quecc", "tokenpacker", "pool", "mlp")
+
+# The release takes keys/values from hidden states 12, 16, 22 and 23 of the
+# 24-layer CLIP-L. Stated as fractions of depth they carry over to any encoder
+# (a 6-layer toy gets 3, 4, 6, 6).
+KEY_LAYER_FRACTIONS = (12 / 24, 16 / 24, 22 / 24, 23 / 24)
+ATTENTION_HEADS = 8
+
+
+def valid_token_counts(grid):
+    """V works when sqrt(V) divides the grid side: each token owns a square region."""
+    return [(grid // k) ** 2 for k in range(grid, 0, -1) if grid % k == 0]
+
+
+def check_token_count(tokens, grid, compressor):
+    valid = [grid * grid] if compressor == "mlp" else valid_token_counts(grid)
+    if tokens not in valid:
+        raise ValueError(
+            f"--tokens {tokens} is not supported by compressor '{compressor}' on a "
+            f"{grid}x{grid} patch grid; valid values: {', '.join(map(str, valid))}")
+
+
+def key_layers(depth):
+    """Hidden-state indices (0 = embeddings, depth = last layer) used for keys/values."""
+    return [min(depth, max(1, round(f * depth))) for f in KEY_LAYER_FRACTIONS]
+
+
+def mlp2x_gelu(in_width, out_width):
+    return nn.Sequential(nn.Linear(in_width, out_width), nn.GELU(), nn.Linear(out_width, out_width))
+
+
+def feature_mlp(in_width, out_width):
+    """The release's query/key/value transform: Linear, GELU, Linear, LayerNorm."""
+    return nn.Sequential(nn.Linear(in_width, out_width), nn.GELU(),
+                         nn.Linear(out_width, out_width), nn.LayerNorm(out_width, eps=1e-6))
+
+
+def to_grid(tokens, grid):
+    """(B, grid*grid, C) -> (B, C, grid, grid)"""
+    return tokens.transpose(1, 2).unflatten(2, (grid, grid))
+
+
+def from_grid(image):
+    """(B, C, h, w) -> (B, h*w, C), row-major like the patch order."""
+    return image.flatten(2).transpose(1, 2)
+
+
+def split_regions(tokens, grid, side):
+    """(B, grid*grid, C) -> (B*side*side, k*k, C): the patches of each of side x side regions."""
+    b, _, c = tokens.shape
+    k = grid // side
+    regions = tokens.reshape(b, side, k, side, k, c).permute(0, 1, 3, 2, 4, 5)
+    return regions.reshape(b * side * side, k * k, c)
+
+
+class RegionAttention(nn.Module):
+    """Shared by QueCC and TokenPacker: query r attends to the patches of region r only.
+
+    Keys and values come from several encoder layers at once, so a single token
+    can carry both low-level detail and high-level semantics.
+    """
+
+    def __init__(self, tokens, grid, width, num_key_layers, text_width=None):
+        super().__init__()
+        self.grid, self.side = grid, math.isqrt(tokens)
+        self.text_conditioned = text_width is not None
+        if self.text_conditioned:
+            self.text_proj = nn.Sequential(nn.Linear(text_width, width), nn.LayerNorm(width, eps=1e-6))
+            kernel = grid // self.side
+            # depthwise: each channel is pooled with its own learned k x k filter
+            self.downsample = nn.Conv2d(width, width, kernel, stride=kernel, groups=width)
+            self.query_mlp = feature_mlp(width, width)
+        else:
+            self.query_mlp = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width, eps=1e-6))
+        self.key_mlp = feature_mlp(num_key_layers * width, width)
+        self.value_mlp = feature_mlp(num_key_layers * width, width)
+        self.attention = nn.MultiheadAttention(width, ATTENTION_HEADS, batch_first=True)
+
+    def queries(self, patches, question):
+        if self.text_conditioned:
+            fused = patches + self.text_proj(question)[:, None, :]
+            return from_grid(self.downsample(to_grid(self.query_mlp(fused), self.grid)))
+        pooled = F.interpolate(to_grid(patches, self.grid), size=(self.side, self.side),
+                               mode="bilinear", align_corners=False)
+        return self.query_mlp(from_grid(pooled))
+
+    def forward(self, patches, multi_level, question=None):
+        b, _, width = patches.shape
+        queries = self.queries(patches, question).reshape(b * self.side ** 2, 1, width)
+        keys = split_regions(self.key_mlp(multi_level), self.grid, self.side)
+        values = split_regions(self.value_mlp(multi_level), self.grid, self.side)
+        out, _ = self.attention(queries, keys, values, need_weights=False)
+        return out.reshape(b, self.side ** 2, width)
+
+
+class AveragePool(nn.Module):
+    def __init__(self, tokens, grid):
+        super().__init__()
+        self.grid, self.side = grid, math.isqrt(tokens)
+
+    def forward(self, patches, multi_level=None, question=None):
+        return from_grid(F.adaptive_avg_pool2d(to_grid(patches, self.grid), self.side))
+
+
+class Identity(nn.Module):
+    def forward(self, patches, multi_level=None, question=None):
+        return patches
+
+
+class Projector(nn.Module):
+    """compressor + mlp2x_gelu. forward(patches, multi_level, question) -> (B, V, llm_width).
+
+    patches:     (B, grid*grid, width)  the select layer (-2), CLS dropped
+    multi_level: (B, grid*grid, len(key_layers)*width), only for quecc/tokenpacker
+    question:    (B, llm_width), the LLM's last hidden state of the question, only for quecc
+    """
+
+    def __init__(self, compressor, tokens, grid, vision_width, llm_width, num_key_layers=4):
+        super().__init__()
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"unknown compressor '{compressor}'; choose from {', '.join(COMPRESSORS)}")
+        check_token_count(tokens, grid, compressor)
+        self.compressor, self.tokens = compressor, tokens
+        if compressor == "quecc":
+            self.compress = RegionAttention(tokens, grid, vision_width, num_key_layers, text_width=llm_width)
+        elif compressor == "tokenpacker":
+            self.compress = RegionAttention(tokens, grid, vision_width, num_key_layers)
+        elif compressor == "pool":
+            self.compress = AveragePool(tokens, grid)
+        else:
+            self.compress = Identity()
+        self.to_llm = mlp2x_gelu(vision_width, llm_width)
+
+    @property
+    def needs_question(self):
+        return self.compressor == "quecc"
+
+    @property
+    def needs_multi_level(self):
+        return self.compressor in ("quecc", "tokenpacker")
+
+    def forward(self, patches, multi_level=None, question=None):
+        return self.to_llm(self.compress(patches, multi_level, question))

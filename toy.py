@@ -1,0 +1,103 @@
+"""The built-in toy world: tiny random-init models and a local tokenizer, nothing downloaded.
+
+`--llm toy` (or toy-xs/-s/-m/-l) is a Qwen2-architecture LLM, `--vision toy` a
+CLIP vision tower with the real 24x24 patch grid (96 px images, 4 px patches),
+so every real token count works. Weights come from a fixed seed, so stage 2
+rebuilds exactly the LLM that stage 1 saw. The vocabulary of the synthetic
+dataset (data_prep/make_toy_data.py) lives here because the tokenizer is
+trained on it.
+"""
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+POSITIONS = ["top left", "top", "top right", "left", "centre", "right",
+             "bottom left", "bottom", "bottom right"]
+NUMBERS = ["zero", "one", "two", "three", "four"]
+WORDS = ["cat", "dog", "sun", "box", "car", "map", "pen", "cup", "hat", "key", "bus", "egg"]
+
+# Qwen's ChatML template, without Qwen's default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# (hidden, layers, heads, kv heads, mlp): ~50K to ~9M parameters, over 100x.
+LLM_SIZES = {
+    "toy-xs": (32, 2, 4, 2, 64),
+    "toy-s": (64, 4, 4, 2, 256),
+    "toy-m": (128, 6, 4, 2, 512),
+    "toy-l": (256, 8, 8, 4, 1024),
+}
+LLM_SIZES["toy"] = LLM_SIZES["toy-s"]
+
+VISION_IMAGE_SIZE, VISION_PATCH = 96, 4  # 96 / 4 = 24 patches a side, as CLIP-L/336
+SEED = 1234
+
+
+def is_toy(name):
+    return name in LLM_SIZES
+
+
+def _tokenizer_corpus():
+    sentences = [
+        "Describe the image briefly. What is written in the image? How many shapes are there?",
+        "Is there a shape in the image? Answer the question using a single word or phrase.",
+        "Answer with the option's letter from the given choices directly. yes no A B C D",
+        "What colour is the shape? What shape is at the position? Where is the object?",
+        "There is a picture of some shapes with the word 0 1 2 3 4 5 6 7 8 9 and and.",
+    ]
+    vocabulary = " ".join(COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS)
+    return sentences + [vocabulary] * 4 + [w + "s" for w in SHAPES]
+
+
+def build_tokenizer():
+    """A byte-level BPE (any text encodes) trained in milliseconds on the toy world's words."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+
+
+def build_llm(name, vocab_size):
+    hidden, layers, heads, kv_heads, mlp = LLM_SIZES[name]
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         intermediate_size=mlp, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        return Qwen2ForCausalLM(config)
+
+
+def build_vision():
+    config = CLIPVisionConfig(image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, hidden_size=64,
+                              intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED + 1)
+        return CLIPVisionModel(config)
+
+
+def build_image_processor():
+    size = VISION_IMAGE_SIZE
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_toy_models(directory, llm="toy"):
+    """Write a toy LLM+tokenizer to DIR/llm and a toy vision tower to DIR/vision, exactly
+    as a hub checkpoint is laid out, so tests exercise the `--llm DIR` loading path."""
+    tokenizer = build_tokenizer()
+    build_llm(llm, len(tokenizer)).save_pretrained(f"{directory}/llm")
+    tokenizer.save_pretrained(f"{directory}/llm")
+    build_vision().save_pretrained(f"{directory}/vision")
+    build_image_processor().save_pretrained(f"{directory}/vision")
+    return f"{directory}/llm", f"{directory}/vision"

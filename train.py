@@ -1,0 +1,385 @@
+"""The training program both stages run: arguments, build, loop, save.
+
+01_pretrain_projector.py and 02_finetune.py call main() with their stage's
+defaults (LLaVA-1.5's numbers); everything else is shared, so the two stages
+cannot drift apart. One process, `torchrun` or `accelerate launch` all work:
+with more than one process the LLM's decoder layers are sharded with FSDP2
+(torch's own fully_shard; it also shards on CPU with gloo), the frozen vision
+tower and the small projector are replicated.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm import tqdm
+
+import conversation
+import vlm
+
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def parse_args(stage):
+    p = argparse.ArgumentParser(description=stage["description"])
+    p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
+    p.add_argument("--vision", default="openai/clip-vit-large-patch14-336", help="hub name, directory, or toy")
+    p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
+    p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
+    p.add_argument("--data", required=True, help="LLaVA-format JSON or JSONL")
+    p.add_argument("--image-folder", default=".")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--projector", help="output directory of stage 1 to start the projector from")
+    p.add_argument("--lr", type=float, default=stage["lr"])
+    p.add_argument("--projector-lr", type=float, help="projector learning rate when it differs (LoRA: 2e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=stage["batch_size"], help="global batch, all devices")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="per device; the rest is accumulation")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip-bad-samples", action="store_true")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--image-after-question", action="store_true",
+                   help="put the image after the question (deviation from LLaVA; enables prefix caching)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on the LLM (0 = full finetuning)")
+    p.add_argument("--qlora", action="store_true", help="LLM in 4-bit NF4 with LoRA on top")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    args = p.parse_args()
+    if args.qlora and not args.lora:
+        args.lora = 64  # QLoRA's usual rank
+    args.train_llm = stage["train_llm"]
+    if args.lora and not args.train_llm:
+        p.error("--lora/--qlora train the LLM; stage 1 trains the projector only")
+    return args
+
+
+# ---------------------------------------------------------------- distributed
+
+def setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(value, device):
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def shard_llm(model, device):
+    """FSDP2: each decoder layer is one unit (all-gathered just before it runs), then the rest
+    of the LLM (embeddings, final norm, head) as the root unit."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.llm.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model.llm, mp_policy=policy)
+
+
+def count_params(module):
+    """(local, global) parameter counts; under FSDP local is this rank's shard."""
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
+    return local, sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- data order
+
+def global_batches(num_samples, batch_size, seed, epochs):
+    """Deterministic list of global batches (lists of indices), one shuffle per epoch. The
+    last incomplete batch of an epoch is dropped so every step has the same global batch."""
+    batches = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += [order[i:i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)]
+    return batches
+
+
+def micro_batches(batches, rank, world, micro, lengths=None):
+    """Each rank takes an equal share of every global batch, split into micro-batches."""
+    out = []
+    for batch in batches:
+        if lengths is not None:  # similar lengths together: less padding, same global batch
+            batch = sorted(batch, key=lambda i: lengths[i])
+        share = batch[rank::world]
+        out += [share[i:i + micro] for i in range(0, len(share), micro)]
+    return out
+
+
+def approximate_length(record, visual_tokens):
+    """LLaVA's modality-length proxy: words in the conversation, plus the visual tokens."""
+    words = sum(len(t["value"].split()) for t in record["conversations"])
+    return words + (visual_tokens if "image" in record else 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoint_dirs(output_dir):
+    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*[0-9]")))
+
+
+def save_checkpoint(model, optimizer, step, output_dir, rank):
+    """Sharded (torch.distributed.checkpoint) so FSDP ranks each write their part. Written to
+    a temporary directory and renamed: a crash mid-write leaves the previous one intact."""
+    final = os.path.join(output_dir, "checkpoints", f"step-{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(model, options=options),
+             "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+    dcp.save(state, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step}, f)
+        os.rename(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_newest_checkpoint(model, optimizer, output_dir, rank):
+    """-> the step to continue from (0 if none). A checkpoint that fails to load (truncated,
+    half-deleted) is reported and the one before it is tried."""
+    for directory in reversed(checkpoint_dirs(output_dir)):
+        try:
+            options = StateDictOptions(ignore_frozen_params=True)
+            state = {"model": get_model_state_dict(model, options=options),
+                     "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+            dcp.load(state, checkpoint_id=directory)
+            set_model_state_dict(model, state["model"], options=options)
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+            rng = torch.load(os.path.join(directory, f"rng-rank{rank}.pt"), weights_only=False)
+            with open(os.path.join(directory, "trainer_state.json")) as f:
+                step = json.load(f)["step"]
+        except Exception as e:
+            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__}: {e}); "
+                  "trying the previous one")
+            continue
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        print(f"[rank {rank}] resumed from {directory} at step {step}")
+        return step
+    print(f"[rank {rank}] no usable checkpoint in {output_dir}/checkpoints; starting from step 0")
+    return 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the program
+
+def lr_at(step, total, warmup, base):
+    """Linear warmup, then cosine to zero (LLaVA: warmup_ratio 0.03, cosine)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(args, device):
+    dtype = None
+    quantization = None
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tokenizer, image_processor = vlm.build(args.llm, args.vision, args.tokens, args.compressor,
+                                                  dtype, quantization)
+    if args.projector:
+        vlm.load_projector(model, args.projector)
+    model.llm.requires_grad_(args.train_llm)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        model.llm = get_peft_model(model.llm, LoraConfig(r=args.lora, lora_alpha=2 * args.lora,
+                                                         target_modules="all-linear", lora_dropout=0.05,
+                                                         task_type="CAUSAL_LM"))
+    if args.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.enable_input_require_grads()
+    return model, tokenizer, image_processor
+
+
+def main(stage):
+    args = parse_args(stage)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    accumulation, remainder = divmod(args.batch_size, world * args.micro_batch_size)
+    if remainder or accumulation == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
+                         f"x --micro-batch-size {args.micro_batch_size}")
+
+    # ---- build
+    model, tokenizer, image_processor = build_model(args, device)
+    if world > 1:
+        if args.lora or args.qlora:
+            raise SystemExit("--lora/--qlora are the single-GPU savers; with several processes use FSDP")
+        shard_llm(model, device)
+        local, total = count_params(model.llm)
+        say(f"FSDP: world={world}, LLM params per rank {local / 1e6:.2f}M of {total / 1e6:.2f}M")
+    if not args.qlora:
+        model.to(device)
+    else:
+        model.vision.to(device), model.projector.to(device)
+    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+    dataset = conversation.SupervisedDataset(
+        records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
+        image_first=not args.image_after_question, skip_bad=args.skip_bad_samples)
+    batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
+    if not batches:
+        raise SystemExit(f"{args.data}: {len(dataset)} samples is less than one global batch ({args.batch_size})")
+    if args.max_steps:  # like HF Trainer, max steps overrides epochs and cycles the data
+        epochs = math.ceil(args.max_steps / len(batches) * args.epochs)
+        batches = global_batches(len(dataset), args.batch_size, args.seed, epochs)[:args.max_steps]
+    total_steps = len(batches)
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    lengths = [approximate_length(r, args.tokens) for r in records] if args.group_by_length else None
+
+    projector_params = list(model.projector.parameters())
+    llm_params = [p for p in model.llm.parameters() if p.requires_grad]
+    groups = [{"params": projector_params, "base_lr": args.projector_lr or args.lr}]
+    if llm_params:
+        groups.append({"params": llm_params, "base_lr": args.lr})
+    if args.optim == "adamw8bit":
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    say(f"trainable parameters: {trainable / 1e6:.2f}M; {total_steps} steps of {args.batch_size} samples "
+        f"({accumulation} x {args.micro_batch_size} per device x {world} devices)")
+
+    start = load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    if rank == 0:  # keep the log in step with the checkpoint we continue from
+        kept = []
+        if start and os.path.exists(log_path):
+            kept = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=micro_batches(batches[start:], rank, world, args.micro_batch_size, lengths),
+        num_workers=args.num_workers, collate_fn=lambda s: conversation.collate(s, tokenizer.pad_token_id))
+    micro_iter = iter(loader)
+    llm_flops_per_token = 6 * count_params(model.llm)[1]
+    peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
+        if device.type == "cuda" else None
+
+    # ---- loop
+    model.train()
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc=stage["name"])
+    for step in bar:
+        t0 = time.time()
+        micro = [next(micro_iter) for _ in range(accumulation)]
+        # Loss = sum of token losses / label tokens in the WHOLE global batch (all micro-batches,
+        # all ranks). Each micro-batch's mean would weight short answers up and make the result
+        # depend on how the batch is split; this way it does not. FSDP averages gradients over
+        # ranks, hence the factor `world`.
+        label_tokens = all_reduce_sum(sum((b["labels"] != vlm.IGNORE).sum().item() for b in micro), device)
+        lr_scale = [lr_at(step, total_steps, warmup, g["base_lr"]) for g in optimizer.param_groups]
+        for group, lr in zip(optimizer.param_groups, lr_scale):
+            group["lr"] = lr
+        loss_sum, tokens, samples = 0.0, 0, 0
+        for k, batch in enumerate(micro):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            if world > 1:  # reduce-scatter gradients once per step, not once per micro-batch
+                model.llm.set_requires_gradient_sync(k == accumulation - 1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _ = model(**batch)
+            (loss * world / max(label_tokens, 1)).backward()
+            loss_sum += loss.item()
+            tokens += batch["attention_mask"].sum().item()
+            samples += len(batch["input_ids"])
+        if world > 1:  # the projector is replicated, not sharded: average its gradients by hand
+            for p in projector_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        grad_norm = clip_gradients(groups, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = all_reduce_sum(loss_sum, device) / max(label_tokens, 1)
+        elapsed = time.time() - t0
+        tokens_all, samples_all = all_reduce_sum(tokens, device), all_reduce_sum(samples, device)
+        entry = dict(step=step + 1, loss=loss_value, lr=lr_scale[-1], grad_norm=grad_norm,
+                     tokens_per_s=tokens_all / elapsed, samples_per_s=samples_all / elapsed)
+        if peak:
+            entry["mfu"] = llm_flops_per_token * tokens_all / elapsed / (peak * world)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(model, optimizer, step + 1, args.output_dir, rank)
+
+    # ---- save
+    save_final(model, tokenizer, args, rank)
+    say(f"saved {args.output_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def clip_gradients(groups, max_norm):
+    """Global gradient norm over all trainable parameters (sharded or not), clipped in place."""
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    norms = [torch.nn.utils.get_total_norm([g for g in grads if hasattr(g, "full_tensor") == sharded])
+             for sharded in (True, False) if any(hasattr(g, "full_tensor") == sharded for g in grads)]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = torch.stack([n.float().cpu() for n in norms]).norm()
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return total.item()
+
+
+def save_final(model, tokenizer, args, rank):
+    """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
+    extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question)
+    if not args.train_llm:
+        if rank == 0:
+            vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)
+        return
+    llm_state = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    if args.lora:
+        model.llm = model.llm.merge_and_unload()
+        llm_state = None
+        if args.qlora:  # export a plain-precision model: 03_evaluate loads it like any other
+            model.llm = model.llm.dequantize()
+    vlm.save(model, tokenizer, args.output_dir, save_llm=True, extra_config=extra, llm_state=llm_state)

@@ -1,0 +1,164 @@
+"""Model assembly: a frozen CLIP vision tower, the projector (quecc.py) and a causal LLM.
+
+The token sequence carries IMAGE_SLOT ids where visual tokens go; `embed`
+swaps in the projector's output at exactly those positions. There is no
+per-sample splicing loop: a batch mixing text-only and image samples is one
+masked scatter.
+"""
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+
+import toy
+from quecc import Projector, key_layers
+
+IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA's data
+IMAGE_SLOT = -200  # input id of a visual-token position (LLaVA's IMAGE_TOKEN_INDEX)
+IGNORE = -100  # label of a position that carries no loss
+SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP
+CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
+
+
+def load_llm(name, dtype=None, quantization_config=None):
+    """A hub name, a local directory, or a toy preset -> (llm, tokenizer)."""
+    if toy.is_toy(name):
+        tokenizer = toy.build_tokenizer()
+        llm = toy.build_llm(name, len(tokenizer))
+        if quantization_config is None:
+            return llm, tokenizer
+        # quantization happens while loading: route the toy through a directory, as a hub model
+        with tempfile.TemporaryDirectory() as directory:
+            llm.save_pretrained(directory)
+            return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization_config), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name}: the tokenizer has no chat template; use a chat/instruct model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization_config)
+    return llm, tokenizer
+
+
+def load_vision(name):
+    """A hub name, a local directory, or 'toy' -> (CLIP vision model, image processor)."""
+    if name == "toy":
+        return toy.build_vision(), toy.build_image_processor()
+    return CLIPVisionModel.from_pretrained(name), CLIPImageProcessorPil.from_pretrained(name)
+
+
+class VLM(nn.Module):
+    def __init__(self, llm, vision, projector, config):
+        super().__init__()
+        self.llm, self.vision, self.projector, self.config = llm, vision, projector, config
+        self.vision.requires_grad_(False)  # frozen in both stages: never trained, never in the optimizer
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values):
+        """-> patches (B, grid^2, C) of the select layer and, if the projector uses them,
+        the key layers concatenated on channels (B, grid^2, 4C). CLS is dropped."""
+        self.vision.eval()
+        states = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states
+        patches = states[self.config["select_layer"]][:, 1:]
+        multi_level = None
+        if self.projector.needs_multi_level:
+            multi_level = torch.cat([states[i][:, 1:] for i in self.config["key_layers"]], dim=-1)
+        return patches, multi_level
+
+    @torch.no_grad()
+    def question_embedding(self, query_ids, query_mask):
+        """The LLM's final hidden state at the last token of the question: base model only
+        (no LM head), no gradient, as in the paper."""
+        hidden = self.llm.get_decoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+        last = query_mask.sum(1) - 1  # right-padded
+        return hidden[torch.arange(len(hidden)), last]
+
+    def visual_tokens(self, pixel_values, query_ids=None, query_mask=None, features=None):
+        """-> (B, V, d_llm). `features` = precomputed encode_images output (a feature cache)."""
+        patches, multi_level = features if features is not None else self.encode_images(pixel_values)
+        question = self.question_embedding(query_ids, query_mask) if self.projector.needs_question else None
+        dtype = next(self.projector.parameters()).dtype
+        if question is not None:
+            question = question.to(dtype)
+        return self.projector(patches.to(dtype), None if multi_level is None else multi_level.to(dtype), question)
+
+    def embed(self, input_ids, visual):
+        """Token embeddings with the visual tokens written into the IMAGE_SLOT positions."""
+        slots = input_ids == IMAGE_SLOT
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(slots, 0))
+        if visual is None:
+            return embeds
+        return embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, query_ids=None,
+                query_mask=None, features=None):
+        """-> (sum of token losses, number of label tokens). The caller divides, so the loss
+        can be normalised over a whole global batch, however it is split."""
+        visual = None
+        if features is not None or (pixel_values is not None and len(pixel_values)):
+            visual = self.visual_tokens(pixel_values, query_ids, query_mask, features)
+        logits = self.llm(inputs_embeds=self.embed(input_ids, visual), attention_mask=attention_mask).logits
+        targets = labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                           ignore_index=IGNORE, reduction="sum")
+        return loss, (targets != IGNORE).sum()
+
+
+def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_config=None):
+    """Everything from names -> (VLM, tokenizer, image_processor)."""
+    llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
+    vision, image_processor = load_vision(vision_name)
+    vcfg = vision.config
+    grid = vcfg.image_size // vcfg.patch_size
+    config = dict(llm=llm_name, vision=vision_name, tokens=tokens, compressor=compressor, grid=grid,
+                  select_layer=SELECT_LAYER, key_layers=key_layers(vcfg.num_hidden_layers),
+                  vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size)
+    projector = Projector(compressor, tokens, grid, vcfg.hidden_size, llm.config.hidden_size,
+                          len(config["key_layers"]))
+    return VLM(llm, vision, projector, config), tokenizer, image_processor
+
+
+def load_projector(model, directory):
+    """Stage 2 starts from the stage-1 projector; refuse one built for another model."""
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        saved = json.load(f)
+    for key in ("tokens", "compressor", "grid", "vision_width", "llm_width"):
+        if saved[key] != model.config[key]:
+            raise ValueError(f"{directory}: projector was trained with {key}={saved[key]}, "
+                             f"this run has {key}={model.config[key]}")
+    model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
+
+
+def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=None):
+    """The output directory: vlm_config.json, projector.safetensors and, unless only the
+    projector was trained, the LLM and tokenizer in Hugging Face format under llm/.
+    llm_state: a full (gathered) state dict when the live LLM is sharded."""
+    os.makedirs(directory, exist_ok=True)
+    config = dict(model.config, **(extra_config or {}))
+    if save_llm:
+        model.llm.save_pretrained(os.path.join(directory, "llm"), state_dict=llm_state)
+        config["llm_dir"] = "llm"
+    tokenizer.save_pretrained(os.path.join(directory, "llm" if save_llm else "tokenizer"))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    save_file(state, os.path.join(directory, PROJECTOR_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_pretrained(directory, dtype=None):
+    """An output directory of 01/02 -> (VLM, tokenizer, image_processor), ready for inference."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
+    with open(path) as f:
+        config = json.load(f)
+    llm_name = os.path.join(directory, config["llm_dir"]) if "llm_dir" in config else config["llm"]
+    model, tokenizer, image_processor = build(llm_name, config["vision"], config["tokens"],
+                                              config["compressor"], dtype)
+    model.config = config
+    load_projector(model, directory)
+    return model, tokenizer, image_processor
