@@ -248,15 +248,18 @@ def pad(sequences, value):
 
 
 def collate(samples, pad_id):
-    """Right-padded batch. pixel_values stacks only the samples that have an image, in
-    batch order, which is the order their IMAGE_SLOT positions appear in."""
+    """Right-padded batch. pixel_values stacks only the samples that have an image
+    (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in."""
     samples = [s for s in samples if s is not None]
     images = [s for s in samples if s["pixel_values"] is not None]
     batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id),
                  labels=pad([s["labels"] for s in samples], IGNORE),
                  attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0))
+    # Every sample carries its question, text-only ones too: under FSDP every rank must run the
+    # (sharded) LLM the same number of times, so the question pass cannot depend on the batch.
+    batch["query_ids"] = pad([s["query_ids"] for s in samples], pad_id)
+    batch["query_mask"] = pad([[1] * len(s["query_ids"]) for s in samples], 0)
+    batch["has_image"] = torch.tensor([s["pixel_values"] is not None for s in samples])
     if images:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in images])
-        batch["query_ids"] = pad([s["query_ids"] for s in images], pad_id)
-        batch["query_mask"] = pad([[1] * len(s["query_ids"]) for s in images], 0)
     return batch

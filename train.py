@@ -15,11 +15,13 @@ import os
 import random
 import shutil
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -28,6 +30,7 @@ from tqdm import tqdm
 import conversation
 import vlm
 
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -164,6 +167,7 @@ def save_checkpoint(model, optimizer, step, output_dir, rank):
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)  # a run restarted from scratch overwrites
         os.rename(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
             shutil.rmtree(old)
@@ -179,19 +183,24 @@ def load_newest_checkpoint(model, optimizer, output_dir, rank):
             state = {"model": get_model_state_dict(model, options=options),
                      "optim": get_optimizer_state_dict(model, optimizer, options=options)}
             dcp.load(state, checkpoint_id=directory)
-            set_model_state_dict(model, state["model"], options=options)
-            set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+            # not strict: the frozen vision tower is deliberately absent from checkpoints
+            loading = StateDictOptions(ignore_frozen_params=True, strict=False)
+            set_model_state_dict(model, state["model"], options=loading)
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=loading)
             rng = torch.load(os.path.join(directory, f"rng-rank{rank}.pt"), weights_only=False)
             with open(os.path.join(directory, "trainer_state.json")) as f:
                 step = json.load(f)["step"]
-        except Exception as e:
-            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__}: {e}); "
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__} {reason}); "
                   "trying the previous one")
             continue
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         print(f"[rank {rank}] resumed from {directory} at step {step}")
         return step
-    print(f"[rank {rank}] no usable checkpoint in {output_dir}/checkpoints; starting from step 0")
+    if checkpoint_dirs(output_dir):  # a failed load may have written into the weights already
+        raise SystemExit(f"error: no checkpoint in {output_dir}/checkpoints could be loaded")
+    print(f"[rank {rank}] no checkpoint in {output_dir}/checkpoints; starting from step 0")
     return 0
 
 
@@ -221,7 +230,7 @@ def build_model(args, device):
                                                   dtype, quantization)
     if args.projector:
         vlm.load_projector(model, args.projector)
-    model.llm.requires_grad_(args.train_llm)
+    model.llm.requires_grad_(args.train_llm and not args.lora)  # with LoRA, peft picks what trains
     if args.lora:
         from peft import LoraConfig, get_peft_model
         model.llm = get_peft_model(model.llm, LoraConfig(r=args.lora, lora_alpha=2 * args.lora,
@@ -255,7 +264,10 @@ def main(stage):
         model.to(device)
     else:
         model.vision.to(device), model.projector.to(device)
-    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+    try:
+        records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+    except (conversation.BadSample, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples)
@@ -305,7 +317,10 @@ def main(stage):
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc=stage["name"])
     for step in bar:
         t0 = time.time()
-        micro = [next(micro_iter) for _ in range(accumulation)]
+        try:
+            micro = [next(micro_iter) for _ in range(accumulation)]
+        except conversation.BadSample as e:  # from a worker: keep its message, not its traceback
+            raise SystemExit(f"error: {str(e).strip().splitlines()[-1]} (or pass --skip-bad-samples)") from None
         # Loss = sum of token losses / label tokens in the WHOLE global batch (all micro-batches,
         # all ranks). Each micro-batch's mean would weight short answers up and make the result
         # depend on how the batch is split; this way it does not. FSDP averages gradients over

@@ -1,9 +1,9 @@
 """Model assembly: a frozen CLIP vision tower, the projector (quecc.py) and a causal LLM.
 
-The token sequence carries IMAGE_SLOT ids where visual tokens go; `embed`
-swaps in the projector's output at exactly those positions. There is no
-per-sample splicing loop: a batch mixing text-only and image samples is one
-masked scatter.
+The token sequence carries IMAGE_SLOT ids where visual tokens go; a hook on
+the LLM's token embedding swaps in the projector's output at exactly those
+positions. There is no per-sample splicing loop: a batch mixing text-only and
+image samples is one masked scatter.
 """
 import json
 import os
@@ -56,6 +56,8 @@ class VLM(nn.Module):
         super().__init__()
         self.llm, self.vision, self.projector, self.config = llm, vision, projector, config
         self.vision.requires_grad_(False)  # frozen in both stages: never trained, never in the optimizer
+        self._pending = None
+        llm.get_input_embeddings().register_forward_hook(self._insert_visual)
 
     @torch.no_grad()
     def encode_images(self, pixel_values):
@@ -71,37 +73,49 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def question_embedding(self, query_ids, query_mask):
-        """The LLM's final hidden state at the last token of the question: base model only
-        (no LM head), no gradient, as in the paper."""
-        hidden = self.llm.get_decoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+        """The LLM's final hidden state (after its last norm) at the last token of the question,
+        no gradient, as in the paper. Called through the whole LLM, not its decoder alone, so
+        FSDP gathers the weights; logits_to_keep=1 leaves the LM head nearly idle."""
+        out = self.llm(input_ids=query_ids, attention_mask=query_mask, output_hidden_states=True,
+                       logits_to_keep=1)
         last = query_mask.sum(1) - 1  # right-padded
-        return hidden[torch.arange(len(hidden)), last]
+        return out.hidden_states[-1][torch.arange(len(last)), last]
 
-    def visual_tokens(self, pixel_values, query_ids=None, query_mask=None, features=None):
-        """-> (B, V, d_llm). `features` = precomputed encode_images output (a feature cache)."""
+    def visual_tokens(self, pixel_values, question=None, features=None):
+        """-> (B, V, d_llm). question: (B, d_llm) for quecc. features: precomputed
+        encode_images output (a feature cache) instead of pixel_values."""
         patches, multi_level = features if features is not None else self.encode_images(pixel_values)
-        question = self.question_embedding(query_ids, query_mask) if self.projector.needs_question else None
         dtype = next(self.projector.parameters()).dtype
-        if question is not None:
-            question = question.to(dtype)
-        return self.projector(patches.to(dtype), None if multi_level is None else multi_level.to(dtype), question)
+        cast = (lambda t: None if t is None else t.to(dtype))
+        return self.projector(cast(patches), cast(multi_level), cast(question))
 
-    def embed(self, input_ids, visual):
-        """Token embeddings with the visual tokens written into the IMAGE_SLOT positions."""
+    def _insert_visual(self, embedding, inputs, output):
+        """Forward hook on the LLM's token embedding: writes the pending visual tokens into
+        the IMAGE_SLOT positions. It runs inside the LLM's own forward, so under FSDP the
+        (sharded, maybe tied) embedding is already gathered. One-shot, so generation's later
+        steps, which embed only new tokens, are left alone."""
+        if self._pending is None:
+            return output
+        slots, visual = self._pending
+        self._pending = None
+        return output.masked_scatter(slots[..., None], visual.to(output.dtype))
+
+    def llm_input_ids(self, input_ids, visual):
+        """Arm the hook with `visual` (B_img, V, d) and return ids the embedding can look up."""
         slots = input_ids == IMAGE_SLOT
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(slots, 0))
-        if visual is None:
-            return embeds
-        return embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))
+        self._pending = (slots, visual) if visual is not None else None
+        return input_ids.masked_fill(slots, 0)
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, query_ids=None,
-                query_mask=None, features=None):
+    def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
+                pixel_values=None, features=None):
         """-> (sum of token losses, number of label tokens). The caller divides, so the loss
         can be normalised over a whole global batch, however it is split."""
-        visual = None
-        if features is not None or (pixel_values is not None and len(pixel_values)):
-            visual = self.visual_tokens(pixel_values, query_ids, query_mask, features)
-        logits = self.llm(inputs_embeds=self.embed(input_ids, visual), attention_mask=attention_mask).logits
+        question = visual = None
+        if self.projector.needs_question:  # every sample, so FSDP ranks run the LLM alike
+            question = self.question_embedding(query_ids, query_mask)[has_image]
+        if has_image.any():
+            visual = self.visual_tokens(pixel_values, question, features)
+        logits = self.llm(input_ids=self.llm_input_ids(input_ids, visual), attention_mask=attention_mask).logits
         targets = labels[:, 1:]
         loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                            ignore_index=IGNORE, reduction="sum")

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small toy dataset and the toy tokenizer, built once per test session."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(*args, check=True, timeout=600, env=None):
+    """Run a repo script (or module with -m) in a subprocess, as a user would."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    run_script("data_prep/make_toy_data.py", "--out", str(out), "--num-train", "160", "--num-eval", "10")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import toy
+    return toy.build_tokenizer()

@@ -1,0 +1,181 @@
+"""Data pipeline: label masks under two chat templates, image slots, truncation, images, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import conversation
+import toy
+from vlm import IGNORE, IMAGE_SLOT
+
+VICUNA_TEMPLATE = (
+    "{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+TURNS = [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
+         {"from": "gpt", "value": "red"},
+         {"from": "human", "value": "And the square?"},
+         {"from": "gpt", "value": "blue, at the top left"}]
+
+
+@pytest.fixture(scope="module")
+def vicuna_tokenizer():
+    tokenizer = toy.build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["</s>"]})
+    tokenizer.chat_template = VICUNA_TEMPLATE
+    return tokenizer
+
+
+def labelled_runs(tokenizer, sample):
+    """Decode each maximal run of labelled tokens."""
+    runs, current = [], []
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current)), current.clear()
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+def test_chatml_labels_are_exactly_the_assistant_turns(tokenizer):
+    sample = conversation.tokenize(tokenizer, TURNS, num_visual_tokens=4, max_length=512)
+    assert labelled_runs(tokenizer, sample) == ["red<|im_end|>", "blue, at the top left<|im_end|>"]
+
+
+def test_vicuna_labels_are_exactly_the_assistant_turns(vicuna_tokenizer):
+    sample = conversation.tokenize(vicuna_tokenizer, TURNS, num_visual_tokens=4, max_length=512)
+    runs = [r.strip() for r in labelled_runs(vicuna_tokenizer, sample)]
+    assert runs == ["red</s>", "blue, at the top left</s>"]
+
+
+@pytest.mark.parametrize("first", ["<image>\nWhat colour is the circle?", "What colour is the circle?\n<image>"])
+def test_image_slots_and_query(tokenizer, first):
+    turns = [dict(TURNS[0], value=first)] + TURNS[1:]
+    sample = conversation.tokenize(tokenizer, turns, num_visual_tokens=9, max_length=512)
+    ids = sample["input_ids"]
+    start = ids.index(IMAGE_SLOT)
+    assert ids[start:start + 9] == [IMAGE_SLOT] * 9 and ids.count(IMAGE_SLOT) == 9
+    assert tokenizer.decode(sample["query_ids"]) == "What colour is the circle?"
+    # LLaVA's layout: the image opens the first user turn, wherever the data put the tag
+    assert tokenizer.decode(ids[:start]) == "<|im_start|>user\n"
+
+
+def test_image_after_question_layout(tokenizer):
+    sample = conversation.tokenize(tokenizer, TURNS, 4, 512, image_first=False)
+    ids = sample["input_ids"]
+    assert tokenizer.decode(ids[:ids.index(IMAGE_SLOT)]) == "<|im_start|>user\nWhat colour is the circle?\n"
+
+
+def test_truncation_keeps_the_image_span_whole(tokenizer):
+    long = [TURNS[0], {"from": "gpt", "value": "red " * 200}]
+    sample = conversation.tokenize(tokenizer, long, num_visual_tokens=16, max_length=60)
+    assert len(sample["input_ids"]) == 60 and sample["input_ids"].count(IMAGE_SLOT) == 16
+    with pytest.raises(ValueError, match="would cut the image span"):
+        conversation.tokenize(tokenizer, long, num_visual_tokens=144, max_length=60)
+
+
+def test_collate_mixes_text_only_and_image_samples(tokenizer):
+    text_only = conversation.tokenize(tokenizer, [{"from": "human", "value": "Spell cat."},
+                                                  {"from": "gpt", "value": "c a t"}], 4, 512)
+    with_image = conversation.tokenize(tokenizer, TURNS, 4, 512)
+    text_only["pixel_values"], with_image["pixel_values"] = None, torch.ones(3, 8, 8)
+    batch = conversation.collate([text_only, with_image, None], tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape == (1, 3, 8, 8)
+    assert batch["query_ids"].shape[0] == 1
+    assert batch["attention_mask"].sum(1).tolist() == [len(text_only["input_ids"]), len(with_image["input_ids"])]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+# ---------------------------------------------------------------- images
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16", "LA", "1"])
+def test_any_image_mode_becomes_padded_rgb(tmp_path, mode):
+    processor = toy.build_image_processor()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 60, 3), dtype=np.uint8))
+    image = image.convert(mode) if mode != "I;16" else Image.fromarray(
+        np.random.default_rng(0).integers(0, 65535, (30, 60), dtype=np.uint16))
+    path = tmp_path / f"x.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    image.save(path)
+    pixels = conversation.load_image(path, processor)
+    assert pixels.shape == (3, 96, 96) and torch.isfinite(pixels).all()
+
+
+def test_padding_uses_the_mean_colour():
+    background = (122, 116, 104)
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = conversation.pad_to_square(wide, background)
+    assert square.size == (40, 40)
+    assert square.getpixel((0, 0)) == background and square.getpixel((20, 20)) == (255, 0, 0)
+
+
+def test_transparent_pixels_take_the_background():
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert conversation.to_rgb(image, (1, 2, 3)).getpixel((0, 0)) == (1, 2, 3)
+
+
+# ---------------------------------------------------------------- bad input
+
+def write(tmp_path, records, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+def good_record(tmp_path, rid="ok"):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    return {"id": rid, "image": "ok.png", "conversations": TURNS[:2]}
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"id": "r1", "image": "missing.png", "conversations": TURNS[:2]}, "image not found: .*missing.png"),
+    ({"id": "r1", "image": "corrupt.png", "conversations": TURNS[:2]}, "unreadable image .*corrupt.png"),
+    ({"id": "r1", "conversations": TURNS[:2]}, "'<image>' in a sample that has no image"),
+    ({"id": "r1", "conversations": [TURNS[0] | {"value": "hi"}]}, "no gpt turn with an answer"),
+    ({"id": "r1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]},
+     "no gpt turn with an answer"),
+    ({"id": "r1", "text": "no conversations"}, "no 'conversations' list"),
+])
+def test_bad_record_names_file_and_record(tmp_path, record, message):
+    (tmp_path / "corrupt.png").write_bytes(b"this is not a png")
+    path = write(tmp_path, [good_record(tmp_path), record])
+    with pytest.raises(conversation.BadSample, match=f"data.json: record 1 \\(id r1\\): {message}"):
+        conversation.load_records(path, tmp_path)
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(good_record(tmp_path)) + "\n{\"id\": broken\n")
+    with pytest.raises(conversation.BadSample, match="data.jsonl: malformed JSON on line 2"):
+        conversation.load_records(path, tmp_path)
+    path = tmp_path / "data.json"
+    path.write_text("[\n" + json.dumps(good_record(tmp_path)) + ",\n{oops}]")
+    with pytest.raises(conversation.BadSample, match="data.json: malformed JSON at line 3"):
+        conversation.load_records(path, tmp_path)
+
+
+def test_skip_bad_samples_logs_each_and_counts(tmp_path):
+    bad = [{"id": "b1", "image": "missing.png", "conversations": TURNS[:2]},
+           {"id": "b2", "conversations": [{"from": "human", "value": "hi"}]}]
+    path = write(tmp_path, [good_record(tmp_path)] + bad)
+    lines = []
+    kept = conversation.load_records(path, tmp_path, skip_bad=True, log=lines.append)
+    assert [r["id"] for r in kept] == ["ok"]
+    assert "id b1" in lines[0] and "id b2" in lines[1]
+    assert lines[-1].startswith("skipped 2 bad samples of 3")
+
+
+def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
+    good = Image.new("RGB", (64, 64), (10, 200, 30))
+    good.save(tmp_path / "trunc.png")
+    data = (tmp_path / "trunc.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[:len(data) // 2])  # header fine, pixels cut off
+    record = {"id": "t1", "image": "trunc.png", "conversations": TURNS[:2]}
+    dataset = conversation.SupervisedDataset([record], "d.json", tmp_path, tokenizer,
+                                             toy.build_image_processor(), 4, 512)
+    with pytest.raises(conversation.BadSample, match="d.json: record 0 \\(id t1\\)"):
+        dataset[0]
