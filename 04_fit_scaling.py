@@ -11,8 +11,8 @@ minutes, a different answer on each run, no uncertainty. This script
   1. evaluates the whole grid exactly (for fixed alpha and beta the SSE is a
      quadratic in A and D, so five sums per (alpha, beta) replace 28 residuals
      per grid point),
-  2. refines continuously inside the same box (A and D in closed form, alpha
-     and beta by a zooming grid search),
+  2. refines continuously inside the same box (A and D in closed form for each
+     (alpha, beta), which a pattern search then moves),
   3. bootstraps the (N, V) cells for 95% intervals,
   4. finds the compute-optimal (N, V), checks extrapolation, draws the plots.
 
@@ -43,8 +43,9 @@ VALID_TOKENS = np.array([1, 4, 16, 36, 64, 144, 576])  # what the compressor can
 N_RANGE = (0.5, 20.0)  # LLM sizes (billions) the compute-optimal search may pick
 TEXT_LENGTHS = (0, 10, 50, 100, 200)
 PLOTTED_TEXT_LENGTHS = (0, 50)  # the paper's Figure 1a (cached text) and 1b
-ZOOM_POINTS = 11  # per axis: the window is the current best +- one step
-ZOOM_LEVELS = 10  # each level shrinks the step 5x: 0.002 / 5^10 ~ 2e-10 in alpha
+SEARCH_POINTS = 11  # per axis: the pattern search's window is the current best +- one step
+SEARCH_TOLERANCE = 1e-7  # stop when the step is this fraction of the grid's: ~2e-10 in alpha
+SEARCH_MAX_STEPS = 200
 
 
 class BadInput(Exception):
@@ -88,17 +89,17 @@ def parse_args(argv):
     data.add_argument("--scores", metavar="FILE", help="CSV or JSONL rows: params_b, tokens and score (accuracy in "
                       "[0, 1]) or normalized + benchmark (03_evaluate.py's results.jsonl)")
     data.add_argument("--paper", action="store_true", help="the paper's 28 published visual-reasoning averages")
-    p.add_argument("--suite", help="comma-separated benchmark names to average (default: all in the file)")
-    p.add_argument("--compressor", help="keep the rows of this compressor (needed when the file has several)")
+    p.add_argument("--suite", metavar="NAMES", help="comma-separated benchmark names to average (default: all in the file)")
+    p.add_argument("--compressor", metavar="NAME", help="keep the rows of this compressor (needed when the file has several)")
     p.add_argument("--range", action="append", type=parse_range, default=[], metavar="NAME=LO:HI",
                    help="move a parameter's search range (repeatable); default: the release's grid")
-    p.add_argument("--bootstrap", type=non_negative_int, default=1000, help="resamples for the 95%% intervals (0: none)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N", help="resamples for the 95%% intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--generated-tokens", type=non_negative_int, default=0, metavar="G", help="G in 2N(Q + V + G)")
     p.add_argument("--budget", type=positive_float, metavar="FLOPS", help="print the best (N, V) within this budget")
     p.add_argument("--text-tokens", type=non_negative_int, default=0, metavar="Q", help="Q for --budget")
     p.add_argument("--holdout-largest", action="store_true", help="fit without the largest N, report its prediction error")
-    p.add_argument("--output-dir", default="out/fit_scaling", help="fit.json and the plots go here")
+    p.add_argument("--output-dir", default="out/fit_scaling", metavar="DIR", help="fit.json and the plots go here")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -128,7 +129,7 @@ def read_records(path):
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
         raise BadInput(f"{path}: no data rows")
-    if lines[0][1].lstrip().startswith("{"):
+    if lines[0][1].lstrip()[0] in "{[":  # JSON Lines; anything else is read as CSV
         return [(i, parse_json_line(path, i, line)) for i, line in lines]
     header_line, header = lines[0][0], [h.strip() for h in next(csv.reader([lines[0][1]]))]
     records = []
@@ -281,8 +282,8 @@ def moments(X, W, y):
 
 
 def quadratic_sse(m, A, D):
-    """sum w (A x + D - y)^2 expanded, so it costs the same for one data point or a thousand."""
-    return A * A * m["Sxx"] + 2 * A * D * m["Sx"] + D * D * m["S"] - 2 * A * m["Sxy"] - 2 * D * m["Sy"] + m["Syy"]
+    """sum w (A x + D - y)^2, expanded so that it costs the same for one data point or a thousand."""
+    return A * (A * m["Sxx"] + 2 * (D * m["Sx"] - m["Sxy"])) + D * (D * m["S"] - 2 * m["Sy"]) + m["Syy"]
 
 
 def fit_full_grid(cells, box, alpha_chunk=10):
@@ -307,46 +308,58 @@ def solve_amplitude_and_floor(m, box):
     free minimum when that lies inside, else the best of the four edge minima
     (each a 1-D solve, clipped). Returns A, D and SSE shaped like the moments."""
     (a_lo, a_hi, _), (d_lo, d_hi, _) = box["A"], box["D"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        det = m["Sxx"] * m["S"] - m["Sx"] ** 2  # 0 at alpha = beta = 0, where A and D act as one number
-        A_free = (m["S"] * m["Sxy"] - m["Sx"] * m["Sy"]) / det
-        D_free = (m["Sxx"] * m["Sy"] - m["Sx"] * m["Sxy"]) / det
-    edge = lambda value: np.full_like(A_free, value)
-    candidates = [(A_free, D_free)]
-    candidates += [(edge(a), np.clip((m["Sy"] - a * m["Sx"]) / m["S"], d_lo, d_hi)) for a in (a_lo, a_hi)]
-    candidates += [(np.clip((m["Sxy"] - d * m["Sx"]) / m["Sxx"], a_lo, a_hi), edge(d)) for d in (d_lo, d_hi)]
-    A, D = (np.stack(c) for c in zip(*candidates))
-    sse = quadratic_sse(m, A, D)
-    inside = (det > 0) & (a_lo <= A_free) & (A_free <= a_hi) & (d_lo <= D_free) & (D_free <= d_hi)
-    sse[0] = np.where(inside, sse[0], np.inf)
-    best = sse.argmin(0)[None]
-    return tuple(np.take_along_axis(a, best, 0)[0] for a in (A, D, sse))
+    Sx, Sxx, Sxy, S, Sy = (m[k] for k in ("Sx", "Sxx", "Sxy", "S", "Sy"))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        det = Sxx * S - Sx * Sx  # 0 at alpha = beta = 0, where A and D act as one number
+        A_free = (S * Sxy - Sx * Sy) / det
+        D_free = (Sy - A_free * Sx) / S
+        inside = (det > 0) & (a_lo <= A_free) & (A_free <= a_hi) & (d_lo <= D_free) & (D_free <= d_hi)
+        best_A, best_D = np.where(inside, A_free, np.nan), np.where(inside, D_free, np.nan)
+        best_sse = np.where(inside, quadratic_sse(m, A_free, D_free), np.inf)
+    edges = [(a, np.clip((Sy - a * Sx) / S, d_lo, d_hi)) for a in (a_lo, a_hi)]
+    edges += [(np.clip((Sxy - d * Sx) / Sxx, a_lo, a_hi), d) for d in (d_lo, d_hi)]
+    for A, D in edges:
+        sse = quadratic_sse(m, A, D)
+        better = sse < best_sse
+        best_A, best_D, best_sse = np.where(better, A, best_A), np.where(better, D, best_D), np.where(better, sse, best_sse)
+    return best_A, best_D, best_sse
 
 
 def fit_continuous(cells, box, W):
     """Least squares inside the box, one fit per weight column of W (ones: the plain fit; counts: bootstrap).
 
-    A and D are solved exactly for each (alpha, beta); (alpha, beta) come from
-    the release's 100 x 100 grid, then a window of +- one step around the best
-    point, shrunk 5x per level. The best point is always a candidate, so the
-    result is never worse than the whole 4-D grid's optimum."""
+    A and D are solved exactly for each (alpha, beta). (alpha, beta) start at
+    the best point of the release's 100 x 100 grid, then a pattern search: a
+    window of +- one step around the best point; move to its best point, keep
+    the step while that lies on the window's border (the valley goes on),
+    shrink it 5x otherwise. The best point is always a candidate, so the result
+    is never worse than the whole 4-D grid's optimum."""
     logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
     alphas, betas = axis(box["alpha"]), axis(box["beta"])
     alpha, beta = (g.ravel() for g in np.meshgrid(alphas, betas, indexing="ij"))
     _, _, sse = solve_amplitude_and_floor(moments(basis(alpha, beta, logN, logV), W, y), box)
-    alpha, beta = alpha[sse.argmin(0)], beta[sse.argmin(0)]
+    best = sse.argmin(0)
+    alpha, beta = alpha[best], beta[best]
 
-    offsets = np.linspace(-1, 1, ZOOM_POINTS)
+    offsets = np.linspace(-1, 1, SEARCH_POINTS)
     d_alpha, d_beta = (g.ravel()[:, None] for g in np.meshgrid(offsets, offsets, indexing="ij"))
-    step_alpha, step_beta, columns = alphas[1] - alphas[0], betas[1] - betas[0], np.arange(W.shape[1])
-    for _ in range(ZOOM_LEVELS):
-        a = np.clip(alpha + step_alpha * d_alpha, *box["alpha"][:2])
-        b = np.clip(beta + step_beta * d_beta, *box["beta"][:2])
-        A, D, sse = solve_amplitude_and_floor(moments(basis(a, b, logN, logV), W, y), box)
-        k = sse.argmin(0)
-        alpha, beta = a[k, columns], b[k, columns]
-        step_alpha, step_beta = step_alpha / ((ZOOM_POINTS - 1) / 2), step_beta / ((ZOOM_POINTS - 1) / 2)
-    return {"A": A[k, columns], "alpha": alpha, "beta": beta, "D": D[k, columns]}
+    step_alpha, step_beta = np.full_like(alpha, alphas[1] - alphas[0]), np.full_like(beta, betas[1] - betas[0])
+    A, D = np.empty_like(alpha), np.empty_like(alpha)
+    for _ in range(SEARCH_MAX_STEPS):
+        active = np.flatnonzero(step_alpha > SEARCH_TOLERANCE * (alphas[1] - alphas[0]))
+        if active.size == 0:
+            break
+        a = np.clip(alpha[active] + step_alpha[active] * d_alpha, *box["alpha"][:2])
+        b = np.clip(beta[active] + step_beta[active] * d_beta, *box["beta"][:2])
+        fits = solve_amplitude_and_floor(moments(basis(a, b, logN, logV), W[:, active], y), box)
+        k, rows = fits[2].argmin(0), np.arange(active.size)
+        on_border = (np.abs(a[k, rows] - alpha[active]) >= 0.999 * step_alpha[active]) | \
+                    (np.abs(b[k, rows] - beta[active]) >= 0.999 * step_beta[active])
+        alpha[active], beta[active], A[active], D[active] = a[k, rows], b[k, rows], fits[0][k, rows], fits[1][k, rows]
+        shrink = np.where(on_border, 1.0, 2 / (SEARCH_POINTS - 1))
+        step_alpha[active] *= shrink
+        step_beta[active] *= shrink
+    return {"A": A, "alpha": alpha, "beta": beta, "D": D}
 
 
 def with_goodness(p, cells):
@@ -484,7 +497,8 @@ def holdout_largest(cells, box):
     check_identifiable(train, f" without N = {largest:g}")
     fit = fit_law(train, box)
     predicted = law(fit, test.N, test.V)
-    relative = np.abs(predicted - test.error) / test.error
+    with np.errstate(divide="ignore", invalid="ignore"):  # a perfect score (error 0) has no relative error
+        relative = np.abs(predicted - test.error) / test.error
     return {"held_out_params_b": float(largest), "fit": fit,
             "mean_relative_error": float(relative.mean()), "max_relative_error": float(relative.max()),
             "cells": [{"tokens": float(v), "observed_error": float(o), "predicted_error": float(e), "relative_error": float(r)}
@@ -525,7 +539,7 @@ def ci_text(boot, name):
 
 def plot_error_vs_flops(plt, cells, fit, boot, Q, G):
     """The paper's Figure 1a (Q = 0) / 1b (Q = 50): data, fitted curves, compute-optimal frontier."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), layout="constrained")
     sizes = np.unique(cells.N)
     colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.8, len(sizes)))
     curve_V = np.geomspace(1, VALID_TOKENS[-1], 200)
@@ -537,10 +551,11 @@ def plot_error_vs_flops(plt, cells, fit, boot, Q, G):
 
     budgets = np.geomspace(inference_flops(N_RANGE[0], 1, Q, G), inference_flops(N_RANGE[1], VALID_TOKENS[-1], Q, G), 400)
     N_opt, V_opt, error_opt = best_config(fit, budgets, Q, G)
-    spent = N_opt < N_RANGE[1]  # past the largest LLM the budget can no longer be spent on N: stop the line there
-    used = ", ".join(str(v) for v in sorted(set(V_opt[spent].tolist())))
-    ax.plot(budgets[spent], error_opt[spent], color="black", ls=":", lw=2.5,
-            label=f"compute-optimal\n{N_RANGE[0]:g}B-{N_RANGE[1]:g}B, V = {used}")
+    # Stop where the optimum reaches the largest LLM: past it, budgets buy tokens only because N is capped.
+    last = np.argmax(N_opt >= N_RANGE[1]) if (N_opt >= N_RANGE[1]).any() else len(budgets) - 1
+    used = ", ".join(str(v) for v in sorted(set(V_opt[:last + 1].tolist())))
+    ax.plot(budgets[:last + 1], error_opt[:last + 1], color="black", ls=":", lw=2.5,
+            label=f"compute-optimal\nN = {N_RANGE[0]:g}B to {N_RANGE[1]:g}B\nV = {used}")
 
     ax.set_xscale("log")
     ax.set_xlabel(f"inference FLOPs = 2N(Q + V{' + G' if G else ''}),  Q = {Q}{f', G = {G}' if G else ''}")
@@ -549,19 +564,17 @@ def plot_error_vs_flops(plt, cells, fit, boot, Q, G):
     ax.set_title(f"Q = {Q} text tokens{cached}:  α = {fit['alpha']:.4f}{ci_text(boot, 'alpha')},  "
                  f"β = {fit['beta']:.4f}{ci_text(boot, 'beta')}", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    first = ax.legend(loc="upper right", fontsize=9, title="LLM size (fitted law)", title_fontsize=9)
-    ax.add_artist(first)
+    fig.legend(loc="outside right upper", fontsize=9, title="fitted law", title_fontsize=9)
     token_handles = [ax.scatter([], [], s=marker_size(v), color="lightgray", edgecolor="black", linewidth=0.5)
                      for v in VALID_TOKENS]
-    ax.legend(token_handles, [str(v) for v in VALID_TOKENS], loc="lower left", fontsize=8, title="visual tokens V",
-              title_fontsize=9, ncol=len(VALID_TOKENS), columnspacing=0.8, handletextpad=0.2, borderpad=0.8)
-    fig.tight_layout()
+    fig.legend(token_handles, [str(v) for v in VALID_TOKENS], loc="outside right lower", fontsize=9,
+               title="visual tokens V", title_fontsize=9, labelspacing=1.1, borderpad=0.9)
     return fig
 
 
 def plot_optimal_tokens(plt, fit, boot, G):
     """The paper's Figure 3a: compute-optimal visual tokens against text tokens."""
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     Q = np.linspace(0, TEXT_LENGTHS[-1], 401)
     ax.plot(Q, optimal_tokens_continuous(fit["alpha"], fit["beta"], Q, G), color="tab:blue", lw=2,
             label="optimal V (continuous)")
@@ -578,7 +591,6 @@ def plot_optimal_tokens(plt, fit, boot, G):
     ax.set_ylim(0, None)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -601,6 +613,15 @@ def json_ready(value):
     return value
 
 
+def output_dir(path):
+    """Made before the fit, so that an unusable --output-dir fails at once."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{path}: cannot create the output directory ({e.strerror})")
+    return Path(path)
+
+
 def warn(message, warnings):
     print(f"warning: {message}", file=sys.stderr)
     warnings.append(message)
@@ -609,6 +630,7 @@ def warn(message, warnings):
 def run(args):
     # load
     warnings = []
+    out_dir = output_dir(args.output_dir)
     cells, load_warnings = load_cells(PAPER_DATA if args.paper else args.scores, args.suite, args.compressor)
     for message in load_warnings:
         warn(message, warnings)
@@ -658,8 +680,8 @@ def run(args):
               f"(uses {budget['flops_used']:.3g} FLOPs)")
         if budget["params_b"] == N_RANGE[1]:
             warn(f"the budget affords more than the largest LLM considered ({N_RANGE[1]:g}B): its leftover goes to tokens", warnings)
-    if max(N_RANGE[1], budget["params_b"] if budget else 0) > cells.N.max():
-        print(f"note: N above {cells.N.max():g}B extrapolates the law beyond the data")
+    if N_RANGE[1] > cells.N.max():
+        print(f"note: the analysis goes up to N = {N_RANGE[1]:g}B; above {cells.N.max():g}B it extrapolates the law")
 
     # extrapolation check
     holdout = None
@@ -675,8 +697,6 @@ def run(args):
             warn(message, warnings)
 
     # plots
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
         paths = save_plots(cells, fit, boot, G, out_dir)
         print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .pdf)")
