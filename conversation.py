@@ -210,6 +210,17 @@ def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True):
     return dict(input_ids=ids, labels=labels, query_ids=query_ids)
 
 
+def prompt(tokenizer, question, num_visual_tokens, image_first=True, with_image=True):
+    """An inference prompt: one user turn (image + question) and the template's generation
+    prompt. -> dict(input_ids, labels, query_ids) like tokenize(), with no label."""
+    text = f"{IMAGE_TOKEN}\n{question}" if with_image else question
+    messages, query = to_messages([{"from": "human", "value": text}], image_first)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids, _ = encode_with_image(tokenizer, rendered, num_visual_tokens)
+    query_ids = tokenizer(query or "image", add_special_tokens=False)["input_ids"]
+    return dict(input_ids=ids, labels=[IGNORE] * len(ids), query_ids=query_ids)
+
+
 # ---------------------------------------------------------------- dataset and batches
 
 class SupervisedDataset(Dataset):
@@ -242,19 +253,21 @@ class SupervisedDataset(Dataset):
         return sample
 
 
-def pad(sequences, value):
+def pad(sequences, value, left=False):
     width = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+    return torch.tensor([[value] * (width - len(s)) * left + list(s) + [value] * (width - len(s)) * (not left)
+                         for s in sequences], dtype=torch.long)
 
 
-def collate(samples, pad_id):
-    """Right-padded batch. pixel_values stacks only the samples that have an image
-    (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in."""
+def collate(samples, pad_id, left=False):
+    """Padded batch: right-padded for training, left-padded (left=True) for generation, so
+    every prompt ends at the last column. pixel_values stacks only the samples that have an
+    image (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in."""
     samples = [s for s in samples if s is not None]
     images = [s for s in samples if s["pixel_values"] is not None]
-    batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id),
-                 labels=pad([s["labels"] for s in samples], IGNORE),
-                 attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0))
+    batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id, left),
+                 labels=pad([s["labels"] for s in samples], IGNORE, left),
+                 attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0, left))
     # Every sample carries its question, text-only ones too: under FSDP every rank must run the
     # (sharded) LLM the same number of times, so the question pass cannot depend on the batch.
     batch["query_ids"] = pad([s["query_ids"] for s in samples], pad_id)

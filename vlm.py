@@ -122,6 +122,21 @@ class VLM(nn.Module):
         return loss, (targets != IGNORE).sum()
 
 
+@torch.no_grad()
+def generate(model, tokenizer, batch, max_new_tokens=128):
+    """Greedy answers (LLaVA-1.5 evaluation: temperature 0, one beam) for a left-padded batch
+    from conversation.collate(..., left=True). -> list of strings."""
+    question = visual = None
+    if model.projector.needs_question:
+        question = model.question_embedding(batch["query_ids"], batch["query_mask"])[batch["has_image"]]
+    if batch["has_image"].any():
+        visual = model.visual_tokens(batch["pixel_values"], question, batch.get("features"))
+    input_ids = model.llm_input_ids(batch["input_ids"], visual)
+    out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
+                             num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+
+
 def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_config=None):
     """Everything from names -> (VLM, tokenizer, image_processor)."""
     llm, tokenizer = load_llm(llm_name, dtype, quantization_config)

@@ -4,10 +4,10 @@ Writes, deterministically from --seed, in LLaVA's formats:
   OUT/images/*.png
   OUT/pretrain.json        stage 1: image + caption (the human turn asks for a description)
   OUT/finetune.json        stage 2: multi-turn questions and answers, plus text-only samples
-  OUT/eval_reasoning.jsonl held-out images, questions on colour, shape, count, position, existence
-  OUT/eval_ocr.jsonl       held-out images, "what word is written?"
-The eval files use 03_evaluate.py's question format (question_id, image, question, answers,
-category = question type).
+  OUT/eval/toy_reasoning/questions.jsonl  held-out images: colour, shape, count, position, existence
+  OUT/eval/toy_ocr/questions.jsonl        held-out images: "what word is written?"
+The eval folders follow 03_evaluate.py's --data-root layout (BENCH/questions.jsonl, BENCH/images/)
+and its question format (question_id, image, question, answers, category = question type).
 
     python data_prep/make_toy_data.py --out data/toy
 """
@@ -143,9 +143,13 @@ def main():
         json.dump(pretrain, f)
     with open(os.path.join(args.out, "finetune.json"), "w") as f:
         json.dump(finetune, f)
-    for name, rows in (("eval_reasoning.jsonl", reasoning), ("eval_ocr.jsonl", ocr)):
-        with open(os.path.join(args.out, name), "w") as f:
+    for bench, rows in (("toy_reasoning", reasoning), ("toy_ocr", ocr)):  # 03_evaluate's --data-root layout
+        folder = os.path.join(args.out, "eval", bench)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "questions.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+        if not os.path.lexists(os.path.join(folder, "images")):
+            os.symlink(os.path.join("..", "..", "images"), os.path.join(folder, "images"))
     print(f"{args.out}: {len(pretrain)} captions, {len(finetune)} finetune samples, "
           f"{len(reasoning)} reasoning and {len(ocr)} OCR held-out questions")
 

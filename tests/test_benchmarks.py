@@ -460,10 +460,9 @@ def test_command_line_prints_one_json_object(tmp_path, capsys):
         B.main(["nope", questions, answers])
 
 
-
 @pytest.mark.parametrize("bench, name, types", [
-    ("toy_reasoning", "eval_reasoning.jsonl", {"colour", "shape", "count", "position", "exists"}),
-    ("toy_ocr", "eval_ocr.jsonl", {"ocr"}),
+    ("toy_reasoning", "eval/toy_reasoning/questions.jsonl", {"colour", "shape", "count", "position", "exists"}),
+    ("toy_ocr", "eval/toy_ocr/questions.jsonl", {"ocr"}),
 ])
 def test_toy_world_eval_files_load_prompt_and_score(toy_data, bench, name, types):
     """The files data_prep/make_toy_data.py writes are question files for toy_reasoning / toy_ocr."""
