@@ -16,14 +16,12 @@ Metrics are percentages (0-100), MME is in points (0-2800); `normalized` is in [
 Every rule below names the official scorer it reproduces. Where an official scorer asks GPT to
 read an answer (MMBench, MathVista), only its rule-based stage runs: unreadable answers count wrong.
 
-    python benchmarks.py BENCH QUESTIONS.jsonl ANSWERS.jsonl    # prints one JSON object
+Scoring from the command line: python 03_evaluate.py --score-only --bench B --questions Q --answers A
 """
-import argparse
 import json
 import random
 import re
 import string
-import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -796,22 +794,3 @@ def score(bench_name, questions, answers):
     return {"benchmark": bench.name, "headline": bench.headline, bench.headline: metrics[bench.headline],
             "normalized": bench.normalized(metrics), "n_questions": len(questions),
             "missing": predictions.count(None), "empty_answers": empty, **metrics}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score an answer file; prints one JSON object.",
-                                     epilog="benchmarks: " + ", ".join(BENCHMARKS))
-    parser.add_argument("benchmark")
-    parser.add_argument("questions", help="question file (data_prep/convert_benchmarks.py)")
-    parser.add_argument("answers", help="answer file, LLaVA's format")
-    args = parser.parse_args(argv)
-    try:
-        get_benchmark(args.benchmark)  # a wrong name fails before the files are read
-        metrics = score(args.benchmark, load_questions(args.questions), read_answers(args.answers))
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    print(json.dumps(metrics, indent=2))
-
-
-if __name__ == "__main__":
-    main()

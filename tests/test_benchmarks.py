@@ -448,18 +448,6 @@ def test_read_answers_errors_name_file_and_line(tmp_path):
         B.read_answers(path)
 
 
-def test_command_line_prints_one_json_object(tmp_path, capsys):
-    questions = write(tmp_path / "q.jsonl", [json.dumps(q(1, ["yes"], category="random")),
-                                             json.dumps(q(2, ["no"], category="random"))])
-    answers = write(tmp_path / "a.jsonl", [json.dumps(a(1, "Yes")), json.dumps(a(2, "No"))])
-    B.main(["pope", questions, answers])
-    metrics = json.loads(capsys.readouterr().out)
-    assert (metrics["benchmark"], metrics["headline"], metrics["mean_f1"], metrics["normalized"]) == \
-        ("pope", "mean_f1", 100.0, 1.0)
-    with pytest.raises(SystemExit, match="unknown benchmark"):
-        B.main(["nope", questions, answers])
-
-
 @pytest.mark.parametrize("bench, name, types", [
     ("toy_reasoning", "eval/toy_reasoning/questions.jsonl", {"colour", "shape", "count", "position", "exists"}),
     ("toy_ocr", "eval/toy_ocr/questions.jsonl", {"ocr"}),

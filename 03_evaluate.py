@@ -1,0 +1,254 @@
+"""Evaluate a trained VLM on benchmarks the way LLaVA-1.5 does, and score like the official scorers.
+
+    python 03_evaluate.py --model runs/stage2 --bench gqa,pope,mme --data-root data/eval --output-dir runs/eval
+    accelerate launch 03_evaluate.py ...          # questions split across processes, merged once
+    python 03_evaluate.py --score-only --bench pope --questions Q.jsonl --answers A.jsonl
+    python 03_evaluate.py --model runs/stage2 --image x.png --question "What is written here?"
+    python 03_evaluate.py --model runs/stage2 --static-query --question "Is the door open?" --image f1.png f2.png
+
+Layout: DATA_ROOT/BENCH/questions.jsonl (see data_prep/convert_benchmarks.py) and
+DATA_ROOT/BENCH/images/. Output: OUTPUT_DIR/BENCH/answers.jsonl (LLaVA's answer format),
+OUTPUT_DIR/BENCH/metrics.json, and OUTPUT_DIR/results.jsonl with one row per benchmark for
+04_fit_scaling.py. Answers are appended as they come; a rerun skips answered questions.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import benchmarks
+import conversation
+import vlm
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="output directory of 02_finetune.py (or 01)")
+    p.add_argument("--bench", help="comma-separated: " + ", ".join(benchmarks.BENCHMARKS))
+    p.add_argument("--data-root", help="folder holding BENCH/questions.jsonl and BENCH/images/")
+    p.add_argument("--output-dir")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--score-only", action="store_true", help="score --answers against --questions")
+    p.add_argument("--questions")
+    p.add_argument("--answers")
+    p.add_argument("--image", nargs="+", help="one-off: answer --question about these images")
+    p.add_argument("--question")
+    p.add_argument("--static-query", action="store_true",
+                   help="one fixed question for many images: its embedding (and prompt cache) computed once")
+    args = p.parse_args()
+    if args.score_only:
+        if not (args.bench and args.questions and args.answers):
+            p.error("--score-only needs --bench, --questions and --answers")
+    elif args.image or args.question:
+        if not (args.model and args.image and args.question):
+            p.error("one-off answers need --model, --image and --question")
+    elif not (args.model and args.bench and args.data_root and args.output_dir):
+        p.error("evaluation needs --model, --bench, --data-root and --output-dir")
+    return args
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+# ---------------------------------------------------------------- answer files
+
+def answer_parts(folder):
+    return sorted(glob.glob(os.path.join(folder, "answers.part-*.jsonl")))
+
+
+def read_answered(folder):
+    """{question_id: answer row} from the merged file and every part file. A last line cut off
+    by a kill is ignored: its batch is answered again."""
+    answered = {}
+    for path in [os.path.join(folder, "answers.jsonl")] + answer_parts(folder):
+        if not os.path.exists(path):
+            continue
+        for line in open(path):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            answered.setdefault(str(row["question_id"]), row)
+    return answered
+
+
+def merge_answers(folder, questions):
+    """One answers.jsonl in question order, no duplicate; the part files go."""
+    answered = read_answered(folder)
+    rows = [answered[str(q["question_id"])] for q in questions if str(q["question_id"]) in answered]
+    tmp = os.path.join(folder, "answers.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, os.path.join(folder, "answers.jsonl"))
+    for path in answer_parts(folder):
+        os.remove(path)
+    return rows
+
+
+# ---------------------------------------------------------------- generation
+
+class Prompts(torch.utils.data.Dataset):
+    def __init__(self, bench, questions, image_folder, tokenizer, image_processor, config):
+        self.bench, self.questions, self.image_folder = bench, questions, image_folder
+        self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
+
+    def __len__(self):
+        return len(self.questions)
+
+    def __getitem__(self, index):
+        record = self.questions[index]
+        text = benchmarks.build_prompt(self.bench, record)
+        sample = conversation.prompt(self.tokenizer, text, self.config["tokens"],
+                                     self.config.get("image_first", True))
+        sample["pixel_values"] = conversation.load_image(os.path.join(self.image_folder, record["image"]),
+                                                         self.image_processor)
+        sample["prompt"] = text
+        return sample
+
+
+def batches_to_answer(questions, batch_size, answered):
+    """Fixed batches over this rank's questions, sorted by prompt length so a batch pads little.
+    A batch is redone whole unless all of it is answered, so a resumed run forms exactly the
+    batches an uninterrupted run forms and gets exactly its answers."""
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]["question"]))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [c for c in chunks if not all(str(questions[i]["question_id"]) in answered for i in c)]
+
+
+def generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
+                     rank, world, device):
+    answered = read_answered(folder)
+    mine = questions[rank::world]
+    todo = batches_to_answer(mine, args.batch_size, answered)
+    prompts = Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
+    loader = torch.utils.data.DataLoader(
+        prompts, batch_sampler=todo, num_workers=2,
+        collate_fn=lambda s: (s, conversation.collate(s, tokenizer.pad_token_id, left=True)))
+    part = os.path.join(folder, f"answers.part-{rank}.jsonl")
+    model_id = os.path.basename(os.path.normpath(args.model))
+    with open(part, "a") as f:
+        for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
+            rows = [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text,
+                         answer_id=f"{model_id}-{mine[i]['question_id']}", model_id=model_id, metadata={})
+                    for i, s, text in zip(indices, samples, texts) if str(mine[i]["question_id"]) not in answered]
+            f.write("".join(json.dumps(row) + "\n" for row in rows))  # one write per batch
+            f.flush()
+
+
+def check_images(questions, image_folder, questions_path):
+    missing = [q for q in questions if not os.path.exists(os.path.join(image_folder, q["image"]))]
+    if missing:
+        fail(f"{questions_path}: {len(missing)} of {len(questions)} questions have no image in {image_folder}, "
+             f"e.g. question {missing[0]['question_id']}: {os.path.join(image_folder, missing[0]['image'])}")
+
+
+def result_row(model, bench, metrics):
+    llm_params = sum(p.numel() for p in model.llm.parameters())
+    return dict(llm=model.config["llm"], params_b=llm_params / 1e9, tokens=model.config["tokens"],
+                compressor=model.config["compressor"], benchmark=bench, metric=metrics["headline"],
+                score=metrics[metrics["headline"]], normalized=metrics["normalized"],
+                per_category=metrics.get("per_category", {}))
+
+
+def write_results(output_dir, rows):
+    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone."""
+    path = os.path.join(output_dir, "results.jsonl")
+    old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    redone = {r["benchmark"] for r in rows}
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
+
+
+# ---------------------------------------------------------------- modes
+
+def score_only(args):
+    try:
+        metrics = benchmarks.score(args.bench, benchmarks.load_questions(args.questions),
+                                   benchmarks.read_answers(args.answers))
+    except (OSError, ValueError) as e:
+        fail(e)
+    print(json.dumps(metrics, indent=2))
+
+
+def one_off(args, device):
+    model, tokenizer, image_processor = vlm.load_pretrained(args.model)
+    model.to(device).eval()
+    for path in args.image:
+        if not os.path.exists(path):
+            fail(f"image not found: {path}")
+    if args.static_query:
+        from static_query import StaticQuery
+        texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens).answer(args.image)
+    else:
+        samples = []
+        for path in args.image:
+            sample = conversation.prompt(tokenizer, args.question, model.config["tokens"],
+                                         model.config.get("image_first", True))
+            sample["pixel_values"] = conversation.load_image(path, image_processor)
+            samples.append(sample)
+        batch = {k: v.to(device) for k, v in conversation.collate(samples, tokenizer.pad_token_id, left=True).items()}
+        texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
+    for path, text in zip(args.image, texts):
+        print(f"{path}: {text}" if len(args.image) > 1 else text)
+
+
+def main():
+    args = parse_args()
+    if args.score_only:
+        return score_only(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if args.image:
+        return one_off(args, device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    names = args.bench.split(",")
+    for name in names:
+        if name not in benchmarks.BENCHMARKS:
+            fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
+    model, tokenizer, image_processor = vlm.load_pretrained(
+        args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model.to(device).eval()
+
+    rows = []
+    for bench in names:
+        questions_path = os.path.join(args.data_root, bench, "questions.jsonl")
+        image_folder = os.path.join(args.data_root, bench, "images")
+        try:
+            questions = benchmarks.load_questions(questions_path)
+        except (OSError, ValueError) as e:
+            fail(e)
+        check_images(questions, image_folder, questions_path)
+        folder = os.path.join(args.output_dir, bench)
+        os.makedirs(folder, exist_ok=True)
+        generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
+                         rank, world, device)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            answers = merge_answers(folder, questions)
+            metrics = benchmarks.score(bench, questions, answers)
+            with open(os.path.join(folder, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            rows.append(result_row(model, bench, metrics))
+            print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
+                  f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
+        if world > 1:
+            dist.barrier()
+    if rank == 0:
+        write_results(args.output_dir, rows)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
