@@ -79,6 +79,16 @@ def read_answered(folder):
     return answered
 
 
+def open_for_append(path):
+    """Append mode that first ends a line cut off by a kill, or the next row would join it."""
+    f = open(path, "a+")
+    if f.tell():
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
+
+
 def merge_answers(folder, questions):
     """One answers.jsonl in question order, no duplicate; the part files go."""
     answered = read_answered(folder)
@@ -133,7 +143,7 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
         collate_fn=lambda s: (s, conversation.collate(s, tokenizer.pad_token_id, left=True)))
     part = os.path.join(folder, f"answers.part-{rank}.jsonl")
     model_id = os.path.basename(os.path.normpath(args.model))
-    with open(part, "a") as f:
+    with open_for_append(part) as f:
         for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
             batch = {k: v.to(device) for k, v in batch.items()}
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
@@ -172,6 +182,7 @@ def write_results(output_dir, rows):
 
 def score_only(args):
     try:
+        benchmarks.get_benchmark(args.bench)  # a wrong name fails before the files are read
         metrics = benchmarks.score(args.bench, benchmarks.load_questions(args.questions),
                                    benchmarks.read_answers(args.answers))
     except (OSError, ValueError) as e:

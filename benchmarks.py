@@ -35,7 +35,7 @@ VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond wi
 
 # ---------------------------------------------------------------- files
 
-def _read_jsonl(path):
+def read_jsonl(path):
     """-> [(line number, object)], blank lines skipped; every error names the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -88,7 +88,7 @@ def answer_problem(record):
 def load_questions(path):
     """Read and validate a question file; question ids must be unique."""
     questions, line_of_id = [], {}
-    for number, record in _read_jsonl(path):
+    for number, record in read_jsonl(path):
         problem = question_problem(record)
         if problem:
             raise ValueError(f"{path}:{number}: {problem}")
@@ -106,7 +106,7 @@ def load_questions(path):
 def read_answers(path):
     """Read an answer file in LLaVA's format (only question_id and text are needed)."""
     answers = []
-    for number, record in _read_jsonl(path):
+    for number, record in read_jsonl(path):
         problem = answer_problem(record)
         if problem:
             raise ValueError(f"{path}:{number}: {problem}")

@@ -47,7 +47,8 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks import LETTERS, MME_COGNITION, MME_PERCEPTION, SHORT_ANSWER, question_problem  # noqa: E402
+from benchmarks import (LETTERS, MME_COGNITION, MME_PERCEPTION, SHORT_ANSWER, question_problem,  # noqa: E402
+                        read_jsonl)
 
 POPE_ID_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
 MMBENCH_CIRCULAR = 1_000_000  # a circular copy of TSV row i has index i + k * 1e6
@@ -68,15 +69,7 @@ def load_json(path):
 
 
 def load_json_lines(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ConversionError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return rows
+    return [row for _, row in read_jsonl(path)]
 
 
 def load_records(path):
