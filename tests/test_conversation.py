@@ -86,7 +86,8 @@ def test_collate_mixes_text_only_and_image_samples(tokenizer):
     text_only["pixel_values"], with_image["pixel_values"] = None, torch.ones(3, 8, 8)
     batch = conversation.collate([text_only, with_image, None], tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (1, 3, 8, 8)
-    assert batch["query_ids"].shape[0] == 1
+    assert batch["has_image"].tolist() == [False, True]
+    assert batch["query_ids"].shape[0] == 2  # every sample's question: FSDP ranks run the LLM alike
     assert batch["attention_mask"].sum(1).tolist() == [len(text_only["input_ids"]), len(with_image["input_ids"])]
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
 

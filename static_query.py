@@ -1,0 +1,97 @@
+"""Static prompts: one fixed question asked of many images (a camera asking the same thing of
+every frame), at the cost of the visual tokens plus the answer.
+
+What is computed once, in __init__:
+  * the question's embedding (QueCC's query: an extra LLM pass over the question), and
+  * when the model was trained with the question before the image (`--image-after-question`,
+    saved as `image_first: false`), the LLM's KV cache of the whole prompt prefix, i.e.
+    everything before the image slots (chat template + question).
+Each batch of images then costs the vision tower, the projector and an LLM prefill of only
+V visual tokens plus the few template tokens after them, then greedy decoding, exactly as
+vlm.generate (temperature 0, one beam). With the LLaVA order (image first) only the
+question embedding is reused: the text after the image depends on it.
+
+All images of a call share one prompt and one token count, so a batch needs no padding.
+
+    sq = StaticQuery(model, tokenizer, image_processor, "Is anyone at the door?")
+    sq.answer(["frame1.png", "frame2.png"])  # -> ["no", "yes"]
+"""
+import copy
+
+import torch
+from PIL import Image
+
+import conversation
+from vlm import IMAGE_SLOT
+
+
+def pixel_values(image, image_processor):
+    """A file path or a PIL image -> (3, H, W), prepared as conversation.load_image does."""
+    if not isinstance(image, Image.Image):
+        return conversation.load_image(image, image_processor)
+    background = tuple(int(255 * m) for m in image_processor.image_mean)
+    image = conversation.pad_to_square(conversation.to_rgb(image, background), background)
+    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class StaticQuery:
+    def __init__(self, model, tokenizer, image_processor, question, max_new_tokens=128, batch_size=16):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.image_first = model.config.get("image_first", True)
+        self.device = next(model.llm.parameters()).device
+        sample = conversation.prompt(tokenizer, question, model.config["tokens"], self.image_first)
+        self.input_ids = torch.tensor(sample["input_ids"], device=self.device)
+        first_slot = sample["input_ids"].index(IMAGE_SLOT)
+
+        with torch.no_grad():
+            self.question = None
+            if model.projector.needs_question:  # (1, d_llm), once for all images
+                query = torch.tensor([sample["query_ids"]], device=self.device)
+                self.question = model.question_embedding(query, torch.ones_like(query))
+
+            # The prefix cache: only when the question comes before the image, else it would
+            # cover a few template tokens and save nothing worth a second code path.
+            self.prefix_cache, self.prefix_length = None, 0
+            if not self.image_first and first_slot > 0:
+                self.prefix_length = first_slot
+                prefix = self.input_ids[None, :first_slot]
+                model._pending = None  # the prefix has no image slot: the hook stays idle
+                out = model.llm(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+                                logits_to_keep=1)
+                self.prefix_cache = out.past_key_values
+
+    @torch.no_grad()
+    def answer(self, images):
+        """images: file paths or PIL images -> one answer string per image, in order."""
+        if isinstance(images, (str, Image.Image)):
+            images = [images]
+        answers = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            pixels = torch.stack([pixel_values(image, self.image_processor) for image in chunk]).to(self.device)
+            answers += self._answer_batch(pixels)
+        return answers
+
+    def _answer_batch(self, pixels):
+        model, b = self.model, len(pixels)
+        question = None if self.question is None else self.question.expand(b, -1)
+        visual = model.visual_tokens(pixels, question)
+        ids = self.input_ids.expand(b, -1)
+        rest = model.llm_input_ids(ids[:, self.prefix_length:], visual)  # arms the embedding hook
+        # generate() embeds only the positions the cache does not hold yet: `rest`, whose
+        # slots the hook fills. The prefix ids are there for the length and the positions.
+        input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
+        kwargs = {}
+        if self.prefix_cache is not None:
+            cache = copy.deepcopy(self.prefix_cache)  # generate() appends to it in place
+            cache.batch_repeat_interleave(b)
+            kwargs["past_key_values"] = cache
+        try:
+            out = model.llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                     pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        finally:
+            model._pending = None  # never leave a one-shot hook armed after a failure
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:],
+                                                               skip_special_tokens=True)]
