@@ -224,14 +224,17 @@ def prompt(tokenizer, question, num_visual_tokens, image_first=True, with_image=
 # ---------------------------------------------------------------- dataset and batches
 
 class SupervisedDataset(Dataset):
-    """Validated records -> tokenized samples with pixel values (None for text-only)."""
+    """Validated records -> tokenized samples with pixel values (None for text-only). With a
+    feature cache (features.FeatureCache), image samples carry the frozen tower's cached
+    outputs as "features" = (patches, multi_level) instead of pixel values."""
 
     def __init__(self, records, path, image_folder, tokenizer, image_processor, num_visual_tokens,
-                 max_length, image_first=True, skip_bad=False):
+                 max_length, image_first=True, skip_bad=False, feature_cache=None):
         self.records, self.path, self.image_folder = records, path, image_folder
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
         self.image_first, self.skip_bad = image_first, skip_bad
+        self.feature_cache = feature_cache
 
     def __len__(self):
         return len(self.records)
@@ -244,7 +247,10 @@ class SupervisedDataset(Dataset):
             sample["pixel_values"] = None
             if "image" in record:
                 image = os.path.join(self.image_folder, record["image"])
-                sample["pixel_values"] = load_image(image, self.image_processor)
+                if self.feature_cache is not None:
+                    sample["features"] = self.feature_cache.load(image)
+                else:
+                    sample["pixel_values"] = load_image(image, self.image_processor)
         except Exception as e:
             if self.skip_bad:  # collate drops it; the loss is normalised by label tokens anyway
                 print(f"skipping {record_name(self.path, index, record)}: {e}")
@@ -259,12 +265,18 @@ def pad(sequences, value, left=False):
                          for s in sequences], dtype=torch.long)
 
 
+def has_image(sample):
+    return sample["pixel_values"] is not None or sample.get("features") is not None
+
+
 def collate(samples, pad_id, left=False):
     """Padded batch: right-padded for training, left-padded (left=True) for generation, so
     every prompt ends at the last column. pixel_values stacks only the samples that have an
-    image (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in."""
+    image (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in.
+    Samples from a feature cache give instead features = (patches, multi_level or None),
+    stacked the same way: VLM.forward and vlm.generate take it in place of pixel_values."""
     samples = [s for s in samples if s is not None]
-    images = [s for s in samples if s["pixel_values"] is not None]
+    images = [s for s in samples if has_image(s)]
     batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id, left),
                  labels=pad([s["labels"] for s in samples], IGNORE, left),
                  attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0, left))
@@ -272,7 +284,10 @@ def collate(samples, pad_id, left=False):
     # (sharded) LLM the same number of times, so the question pass cannot depend on the batch.
     batch["query_ids"] = pad([s["query_ids"] for s in samples], pad_id)
     batch["query_mask"] = pad([[1] * len(s["query_ids"]) for s in samples], 0)
-    batch["has_image"] = torch.tensor([s["pixel_values"] is not None for s in samples])
-    if images:
+    batch["has_image"] = torch.tensor([has_image(s) for s in samples])
+    if images and images[0].get("features") is not None:
+        patches, multi_level = zip(*(s["features"] for s in images))
+        batch["features"] = (torch.stack(patches), None if multi_level[0] is None else torch.stack(multi_level))
+    elif images:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in images])
     return batch

@@ -66,6 +66,8 @@ def parse_args(stage):
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
+                   "and reuse the features across runs and epochs (features.py)")
     args = p.parse_args()
     if args.qlora and not args.lora:
         args.lora = 64  # QLoRA's usual rank
@@ -268,9 +270,17 @@ def main(stage):
         records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
     except (conversation.BadSample, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    cache = None
+    if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
+        import features
+        cache = features.FeatureCache(args.feature_cache, model, image_processor)
+        if rank == 0:
+            paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]
+            say(f"feature cache {cache.directory}: {cache.prepare(paths)} images encoded")
+        barrier()
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
-        image_first=not args.image_after_question, skip_bad=args.skip_bad_samples)
+        image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache)
     batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
     if not batches:
         raise SystemExit(f"{args.data}: {len(dataset)} samples is less than one global batch ({args.batch_size})")
@@ -331,7 +341,7 @@ def main(stage):
             group["lr"] = lr
         loss_sum, tokens, samples = 0.0, 0, 0
         for k, batch in enumerate(micro):
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = {key: to_device(value, device) for key, value in batch.items()}
             if world > 1:  # reduce-scatter gradients once per step, not once per micro-batch
                 model.llm.set_requires_gradient_sync(k == accumulation - 1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -369,6 +379,13 @@ def main(stage):
     say(f"saved {args.output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def to_device(value, device):
+    """A batch entry: a tensor, or a tuple of tensors / None (cached features)."""
+    if isinstance(value, tuple):
+        return tuple(None if v is None else v.to(device) for v in value)
+    return value.to(device)
 
 
 def clip_gradients(groups, max_norm):

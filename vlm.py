@@ -130,7 +130,7 @@ def generate(model, tokenizer, batch, max_new_tokens=128):
     if model.projector.needs_question:
         question = model.question_embedding(batch["query_ids"], batch["query_mask"])[batch["has_image"]]
     if batch["has_image"].any():
-        visual = model.visual_tokens(batch["pixel_values"], question, batch.get("features"))
+        visual = model.visual_tokens(batch.get("pixel_values"), question, batch.get("features"))
     input_ids = model.llm_input_ids(batch["input_ids"], visual)
     out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
                              num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)

@@ -111,6 +111,8 @@ def main():
     parser.add_argument("--num-train", type=int, default=2000, help="training images")
     parser.add_argument("--num-eval", type=int, default=300, help="held-out images")
     parser.add_argument("--word-fraction", type=float, default=0.5, help="images with a word in them")
+    parser.add_argument("--questions-per-image", type=int, default=0,
+                        help="questions (turns) per training image, each of a different type; 0: 1 to 3 at random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -132,7 +134,8 @@ def main():
             {"from": "human", "value": with_image_tag(rng, rng.choice(DESCRIBE))},
             {"from": "gpt", "value": caption(scene)}]})
         turns = []
-        for kind, question, answer in rng.sample(qa, rng.randint(1, min(3, len(qa)))):
+        asked = min(args.questions_per_image, len(qa)) if args.questions_per_image else rng.randint(1, min(3, len(qa)))
+        for kind, question, answer in rng.sample(qa, asked):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
         turns[0]["value"] = with_image_tag(rng, turns[0]["value"])
         finetune.append({"id": f"qa-{i}", "image": image, "conversations": turns})

@@ -1,0 +1,116 @@
+"""A feature cache for the frozen vision tower: each image is encoded once per encoder.
+
+The vision tower never trains (both stages), so its hidden states for an image are
+the same in every run of a sweep, every epoch and every evaluation. The cache keeps
+the hidden states that the projector reads (the select layer and QueCC's key
+layers, each stored once) for one image in one file:
+
+    DIR/<encoder key>/<image key>.safetensors   (layers, grid^2, width) fp16, CLS dropped
+
+encoder key: a hash of the tower's weights, its config and the image processor's
+config, so a retrained or differently preprocessed encoder never reads stale
+features. image key: a hash of the image file's bytes, so the same picture under
+two paths (a symlinked evaluation folder) is encoded once. Writes are atomic
+(temporary file + rename), so concurrent runs may share one cache.
+
+    cache = FeatureCache(DIR, model, image_processor)   # model: a vlm.VLM
+    cache.prepare(paths)                   # encode the images not yet in the cache
+    patches, multi_level = cache.load(path)  # what VLM.encode_images returns, one image
+"""
+import hashlib
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+
+def _hash_bytes(chunks):
+    digest = hashlib.sha1()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def encoder_key(vision, image_processor):
+    """Weights + config of the tower + preprocessing -> a short hex key."""
+    def chunks():
+        yield json.dumps(vision.config.to_dict(), sort_keys=True, default=str).encode()
+        yield json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode()
+        for name, tensor in sorted(vision.state_dict().items()):
+            yield name.encode()
+            yield tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return _hash_bytes(chunks())
+
+
+def image_key(path):
+    with open(path, "rb") as f:
+        return _hash_bytes([f.read()])
+
+
+class FeatureCache:
+    def __init__(self, directory, model, image_processor, batch_size=64):
+        self.model, self.image_processor, self.batch_size = model, image_processor, batch_size
+        depth = model.vision.config.num_hidden_layers + 1  # hidden_states: embeddings + each layer
+        self.select = model.config["select_layer"] % depth
+        keys = [k % depth for k in model.config["key_layers"]]
+        # every compressor's layers are stored, so runs of different compressors write identical files
+        self.layers = sorted({self.select, *keys})
+        self.keys = keys if model.projector.needs_multi_level else None
+        self.directory = os.path.join(directory, encoder_key(model.vision, image_processor))
+        os.makedirs(self.directory, exist_ok=True)
+        self._keys = {}  # image path -> image key
+        self.computed = 0  # images encoded by this object (0 on a warm cache)
+
+    def file(self, path):
+        if path not in self._keys:
+            self._keys[path] = image_key(path)
+        return os.path.join(self.directory, self._keys[path] + ".safetensors")
+
+    def _has(self, file):
+        """A cached file holds every layer this encoder's projectors read."""
+        if not os.path.exists(file):
+            return False
+        layers = json.loads(_metadata(file)["layers"])
+        return set(self.layers) <= set(layers)
+
+    def prepare(self, paths, desc="vision features"):
+        """Encode, in batches, the images whose features are not cached yet."""
+        import conversation  # imported here: conversation imports vlm, which this module must not need
+        todo, seen = [], set()
+        for path in paths:
+            file = self.file(path)
+            if file not in seen and not self._has(file):
+                todo.append((path, file))
+            seen.add(file)
+        vision = self.model.vision
+        device, dtype = next(vision.parameters()).device, next(vision.parameters()).dtype
+        vision.eval()
+        for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
+            chunk = todo[start:start + self.batch_size]
+            pixels = torch.stack([conversation.load_image(p, self.image_processor) for p, _ in chunk])
+            with torch.no_grad():
+                states = vision(pixels.to(device, dtype), output_hidden_states=True).hidden_states
+            stacked = torch.stack([states[i][:, 1:] for i in self.layers], dim=1).half().cpu()
+            for (_, file), hidden in zip(chunk, stacked):
+                tmp = f"{file}.{os.getpid()}.tmp"
+                save_file({"hidden": hidden.contiguous()}, tmp, metadata={"layers": json.dumps(self.layers)})
+                os.replace(tmp, file)
+            self.computed += len(chunk)
+        return len(todo)
+
+    def load(self, path):
+        """-> (patches (grid^2, C), multi_level (grid^2, 4C) or None), float32, one image."""
+        with safe_open(self.file(path), "pt") as f:
+            hidden, stored = f.get_tensor("hidden").float(), json.loads(f.metadata()["layers"])
+        layer = {index: hidden[k] for k, index in enumerate(stored)}
+        patches = layer[self.select]
+        multi_level = torch.cat([layer[k] for k in self.keys], dim=-1) if self.keys else None
+        return patches, multi_level
+
+
+def _metadata(file):
+    with safe_open(file, "pt") as f:
+        return f.metadata()
