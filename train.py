@@ -318,7 +318,6 @@ def main(stage):
         dataset, batch_sampler=micro_batches(batches[start:], rank, world, args.micro_batch_size, lengths),
         num_workers=args.num_workers, collate_fn=lambda s: conversation.collate(s, tokenizer.pad_token_id))
     micro_iter = iter(loader)
-    llm_flops_per_token = 6 * count_params(model.llm)[1]
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
         if device.type == "cuda" else None
 
@@ -366,7 +365,8 @@ def main(stage):
         entry = dict(step=step + 1, loss=loss_value, lr=lr_scale[-1], grad_norm=grad_norm,
                      tokens_per_s=tokens_all / elapsed, samples_per_s=samples_all / elapsed)
         if peak:
-            entry["mfu"] = llm_flops_per_token * tokens_all / elapsed / (peak * world)
+            per_token = training_flops_per_token(model.llm, args.train_llm, tokens_all / samples_all)
+            entry["mfu"] = per_token * tokens_all / elapsed / (peak * world)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -379,6 +379,16 @@ def main(stage):
     say(f"saved {args.output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def training_flops_per_token(llm, llm_trains, sequence_length):
+    """The LLM's share of a training step, per token (the vision tower is frozen and small next
+    to it): forward 2N, backward 2N through the activations and, only when the LLM trains, 2N for
+    its weight gradients; attention scores, which have no weights, add 12 x layers x width x
+    sequence either way (PaLM's MFU)."""
+    config = llm.config
+    attention = 12 * config.num_hidden_layers * config.hidden_size * sequence_length
+    return (6 if llm_trains else 4) * count_params(llm)[1] + attention
 
 
 def to_device(value, device):

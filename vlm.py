@@ -40,7 +40,10 @@ def load_llm(name, dtype=None, quantization_config=None):
         raise ValueError(f"{name}: the tokenizer has no chat template; use a chat/instruct model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization_config)
+    # a 4-bit model is quantized as it loads, straight onto the GPU it will train on
+    device_map = {"": torch.cuda.current_device()} if quantization_config and torch.cuda.is_available() else None
+    llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization_config,
+                                               device_map=device_map)
     return llm, tokenizer
 
 

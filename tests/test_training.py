@@ -102,3 +102,13 @@ def test_unsupported_token_count_is_refused_by_the_script(toy_data, tmp_path):
     result = run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--tokens", "5",
                         "--data", str(toy_data / "pretrain.json"), "--output-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "valid values: 1, 4, 9, 16, 36, 64, 144, 576" in result.stderr
+
+
+def test_mfu_counts_weight_gradients_only_when_the_llm_trains():
+    import train
+    tokenizer = toy.build_tokenizer()
+    llm = toy.build_llm("toy", len(tokenizer))
+    n = sum(p.numel() for p in llm.parameters())
+    attention = 12 * 4 * 64 * 100  # layers x width x sequence, toy preset: 4 layers, width 64
+    assert train.training_flops_per_token(llm, True, 100) == 6 * n + attention
+    assert train.training_flops_per_token(llm, False, 100) == 4 * n + attention
