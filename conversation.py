@@ -13,6 +13,7 @@ query) and only the caption carries loss.
 """
 import json
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -132,10 +133,11 @@ def pad_to_square(image, background):
     return canvas
 
 
-def load_image(path, image_processor):
-    """A file -> pixel tensor (3, H, W), padded to square with the processor's mean colour."""
+def load_image(source, image_processor):
+    """A file path or a PIL image -> pixel tensor (3, H, W), padded to square with the
+    processor's mean colour."""
     background = tuple(int(255 * m) for m in image_processor.image_mean)
-    with Image.open(path) as image:
+    with nullcontext(source) if isinstance(source, Image.Image) else Image.open(source) as image:
         image = pad_to_square(to_rgb(image, background), background)
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 

@@ -25,15 +25,6 @@ import conversation
 from vlm import IMAGE_SLOT
 
 
-def pixel_values(image, image_processor):
-    """A file path or a PIL image -> (3, H, W), prepared as conversation.load_image does."""
-    if not isinstance(image, Image.Image):
-        return conversation.load_image(image, image_processor)
-    background = tuple(int(255 * m) for m in image_processor.image_mean)
-    image = conversation.pad_to_square(conversation.to_rgb(image, background), background)
-    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
 class StaticQuery:
     def __init__(self, model, tokenizer, image_processor, question, max_new_tokens=128, batch_size=16):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
@@ -69,7 +60,7 @@ class StaticQuery:
         answers = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            pixels = torch.stack([pixel_values(image, self.image_processor) for image in chunk]).to(self.device)
+            pixels = torch.stack([conversation.load_image(image, self.image_processor) for image in chunk]).to(self.device)
             answers += self._answer_batch(pixels)
         return answers
 

@@ -21,14 +21,13 @@ from bench_prefill import (QUESTION, build_model, common_args, describe_llm, mac
 
 import conversation  # noqa: E402  (bench_prefill put the repository on the path)
 import vlm  # noqa: E402
-from static_query import pixel_values  # noqa: E402
 
 
 def make_batch(model, tokenizer, images, image_processor, question, device):
     samples = []
     for image in images:
         sample = conversation.prompt(tokenizer, question, model.config["tokens"], model.config.get("image_first", True))
-        sample["pixel_values"] = pixel_values(image, image_processor)
+        sample["pixel_values"] = conversation.load_image(image, image_processor)
         samples.append(sample)
     batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
     assert batch["attention_mask"].all(), "one prompt, one token count: no padding"

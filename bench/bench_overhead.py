@@ -22,7 +22,6 @@ from bench_prefill import (QUESTION, build_model, common_args, describe_llm, mac
                            swap_projector, test_images, time_round_robin, write_json)
 
 import conversation  # noqa: E402  (bench_prefill put the repository on the path)
-from static_query import pixel_values  # noqa: E402
 
 STAGES = ("vision", "query", "projector", "prefill")
 
@@ -74,7 +73,7 @@ def main():
     llm = describe_llm(args.llm, model.llm)
     vision_params = sum(p.numel() for p in model.vision.parameters())
     print(f"{llm['text']}; vision {args.vision}: {vision_params / 1e6:.1f}M parameters\n{info}")
-    pixels = torch.stack([pixel_values(im, image_processor) for im in test_images(image_processor, args.batch)])
+    pixels = torch.stack([conversation.load_image(im, image_processor) for im in test_images(image_processor, args.batch)])
     pixels = pixels.to(device=args.device, dtype=args.torch_dtype)
 
     calls, infos = {}, {}

@@ -21,7 +21,7 @@ from bench_prefill import (QUESTION, build_model, common_args, describe_llm, mac
 
 import conversation  # noqa: E402  (bench_prefill put the repository on the path)
 import vlm  # noqa: E402
-from static_query import StaticQuery, pixel_values  # noqa: E402
+from static_query import StaticQuery  # noqa: E402
 
 
 def plain_answers(model, tokenizer, image_processor, question, images, batch_size, new_tokens, device):
@@ -31,7 +31,7 @@ def plain_answers(model, tokenizer, image_processor, question, images, batch_siz
         samples = []
         for image in images[start:start + batch_size]:
             sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
-            sample["pixel_values"] = pixel_values(image, image_processor)
+            sample["pixel_values"] = conversation.load_image(image, image_processor)
             samples.append(sample)
         batch = {k: v.to(device) for k, v in conversation.collate(samples, tokenizer.pad_token_id, left=True).items()}
         answers += vlm.generate(model, tokenizer, batch, max_new_tokens=new_tokens)

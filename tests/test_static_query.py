@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import conversation
 import vlm
-from static_query import StaticQuery, pixel_values
+from static_query import StaticQuery
 
 QUESTIONS = ["What colour is the shape?", "How many shapes are there? Answer the question using a single word."]
 NEW_TOKENS = 6
@@ -70,7 +70,7 @@ def plain_answers(model, tokenizer, image_processor, question, images, batch_siz
         samples = []
         for image in images[start:start + batch_size]:
             sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
-            sample["pixel_values"] = pixel_values(image, image_processor)
+            sample["pixel_values"] = conversation.load_image(image, image_processor)
             samples.append(sample)
         batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
         answers += vlm.generate(model, tokenizer, batch, max_new_tokens=NEW_TOKENS)
