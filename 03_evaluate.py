@@ -24,6 +24,7 @@ from tqdm import tqdm
 import benchmarks
 import conversation
 import vlm
+from static_query import StaticQuery, plain_answers
 
 
 def parse_args():
@@ -197,17 +198,10 @@ def one_off(args, device):
         if not os.path.exists(path):
             fail(f"image not found: {path}")
     if args.static_query:
-        from static_query import StaticQuery
         texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens).answer(args.image)
     else:
-        samples = []
-        for path in args.image:
-            sample = conversation.prompt(tokenizer, args.question, model.config["tokens"],
-                                         model.config.get("image_first", True))
-            sample["pixel_values"] = conversation.load_image(path, image_processor)
-            samples.append(sample)
-        batch = {k: v.to(device) for k, v in conversation.collate(samples, tokenizer.pad_token_id, left=True).items()}
-        texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
+        texts = plain_answers(model, tokenizer, image_processor, args.question, args.image,
+                              args.batch_size, args.max_new_tokens)
     for path, text in zip(args.image, texts):
         print(f"{path}: {text}" if len(args.image) > 1 else text)
 

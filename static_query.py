@@ -22,7 +22,25 @@ import torch
 from PIL import Image
 
 import conversation
+import vlm
 from vlm import IMAGE_SLOT
+
+
+def plain_answers(model, tokenizer, image_processor, question, images, batch_size=16, max_new_tokens=128):
+    """The ordinary path for one question over many images: a full prompt per image,
+    left-padded batches, vlm.generate. What StaticQuery must reproduce, faster."""
+    image_first = model.config.get("image_first", True)
+    device = next(model.llm.parameters()).device
+    answers = []
+    for start in range(0, len(images), batch_size):
+        samples = []
+        for image in images[start:start + batch_size]:
+            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
+            sample["pixel_values"] = conversation.load_image(image, image_processor)
+            samples.append(sample)
+        batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
+        answers += vlm.generate(model, tokenizer, {k: v.to(device) for k, v in batch.items()}, max_new_tokens)
+    return answers
 
 
 class StaticQuery:

@@ -21,21 +21,7 @@ from bench_prefill import (QUESTION, build_model, common_args, describe_llm, mac
 
 import conversation  # noqa: E402  (bench_prefill put the repository on the path)
 import vlm  # noqa: E402
-from static_query import StaticQuery  # noqa: E402
-
-
-def plain_answers(model, tokenizer, image_processor, question, images, batch_size, new_tokens, device):
-    image_first = model.config.get("image_first", True)
-    answers = []
-    for start in range(0, len(images), batch_size):
-        samples = []
-        for image in images[start:start + batch_size]:
-            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
-            sample["pixel_values"] = conversation.load_image(image, image_processor)
-            samples.append(sample)
-        batch = {k: v.to(device) for k, v in conversation.collate(samples, tokenizer.pad_token_id, left=True).items()}
-        answers += vlm.generate(model, tokenizer, batch, max_new_tokens=new_tokens)
-    return answers
+from static_query import StaticQuery, plain_answers  # noqa: E402
 
 
 def main():
@@ -72,7 +58,7 @@ def main():
                 def plain(b=b, g=g, config=config):
                     model.config = config
                     model.llm.generation_config.min_new_tokens = g
-                    return plain_answers(model, tokenizer, image_processor, args.question, images, b, g, args.device)
+                    return plain_answers(model, tokenizer, image_processor, args.question, images, b, g)
 
                 def static(b=b, g=g, config=config, statics=statics):
                     model.config = config

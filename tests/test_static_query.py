@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import conversation
 import vlm
-from static_query import StaticQuery
+from static_query import StaticQuery, plain_answers
 
 QUESTIONS = ["What colour is the shape?", "How many shapes are there? Answer the question using a single word."]
 NEW_TOKENS = 6
@@ -62,21 +62,6 @@ def images(tmp_path_factory):
     return scenes
 
 
-def plain_answers(model, tokenizer, image_processor, question, images, batch_size=8):
-    """The ordinary evaluation path: conversation.prompt per image, collate(left=True), vlm.generate."""
-    image_first = model.config.get("image_first", True)
-    answers = []
-    for start in range(0, len(images), batch_size):
-        samples = []
-        for image in images[start:start + batch_size]:
-            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
-            sample["pixel_values"] = conversation.load_image(image, image_processor)
-            samples.append(sample)
-        batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
-        answers += vlm.generate(model, tokenizer, batch, max_new_tokens=NEW_TOKENS)
-    return answers
-
-
 @contextlib.contextmanager
 def llm_prompt_lengths(model):
     """Records the sequence length of every LLM forward that is not a one-token decode step."""
@@ -100,7 +85,7 @@ def test_static_query_answers_equal_the_plain_path(quecc, images, image_first, m
     model, tokenizer, image_processor = quecc
     monkeypatch.setitem(model.config, "image_first", image_first)
     for question in QUESTIONS:
-        expected = plain_answers(model, tokenizer, image_processor, question, images)
+        expected = plain_answers(model, tokenizer, image_processor, question, images, max_new_tokens=NEW_TOKENS)
         assert len(set(expected)) >= 3, f"answers do not depend on the image: {expected}"
         static = StaticQuery(model, tokenizer, image_processor, question, max_new_tokens=NEW_TOKENS)
         # what is reused: the question embedding always, the prefix KV cache only with the
@@ -126,7 +111,7 @@ def test_the_layouts_answer_differently(quecc, images, monkeypatch):
 def test_text_free_compressor_with_prefix_cache(images, monkeypatch):
     model, tokenizer, image_processor = sharp_model("pool", tokens=16)
     monkeypatch.setitem(model.config, "image_first", False)
-    expected = plain_answers(model, tokenizer, image_processor, QUESTIONS[1], images)
+    expected = plain_answers(model, tokenizer, image_processor, QUESTIONS[1], images, max_new_tokens=NEW_TOKENS)
     static = StaticQuery(model, tokenizer, image_processor, QUESTIONS[1], max_new_tokens=NEW_TOKENS)
     assert static.question is None and static.prefix_cache is not None
     assert static.answer(images) == expected
@@ -140,7 +125,9 @@ def test_batching_images_equals_one_at_a_time(quecc, images, monkeypatch):
         many = StaticQuery(model, tokenizer, image_processor, QUESTIONS[0], NEW_TOKENS, batch_size=5)
         singles = one.answer(images)
         assert many.answer(images) == singles  # batches of 5 and 3: no padding, same answers
-        assert plain_answers(model, tokenizer, image_processor, QUESTIONS[0], images, batch_size=1) == singles
+        one_by_one = plain_answers(model, tokenizer, image_processor, QUESTIONS[0], images, batch_size=1,
+                                   max_new_tokens=NEW_TOKENS)
+        assert one_by_one == singles
 
 
 @pytest.mark.parametrize("script, extra", [
