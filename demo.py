@@ -39,6 +39,7 @@ def main():
     p.add_argument("--sizes", default="toy-s", help="toy LLM presets, comma-separated")
     p.add_argument("--tokens", default="4", help="visual token counts, comma-separated")
     p.add_argument("--compressor", default="quecc")
+    p.add_argument("--vision", default="toy", help="toy, or a directory of a CLIP vision model")
     p.add_argument("--stage1-steps", type=int, default=60)
     p.add_argument("--stage2-steps", type=int, default=300)
     p.add_argument("--num-train", type=int, default=2000)
@@ -54,7 +55,7 @@ def main():
     if not os.path.exists(os.path.join(data, "finetune.json")):
         run("data_prep/make_toy_data.py", "--out", data, "--num-train", str(args.num_train))
     bar.update()
-    common = ["--vision", "toy", "--image-folder", os.path.join(data, "images"), "--feature-cache", cache,
+    common = ["--vision", args.vision, "--image-folder", os.path.join(data, "images"), "--feature-cache", cache,
               "--compressor", args.compressor, "--num-workers", "0"]
     rows = []
     for size, tokens in grid:
