@@ -239,6 +239,9 @@ def check_identifiable(cells, what=""):
     if len(np.unique(cells.V)) < 2:
         raise BadInput(f"{cells.source}{what}: every row has tokens = {cells.V[0]:g}; beta (the visual-token exponent) "
                        "needs at least two token counts")
+    if np.ptp(cells.error) == 0:
+        raise BadInput(f"{cells.source}{what}: every cell has error {cells.error[0]:g}; the law needs errors that "
+                       "vary with N or V (were the models trained and evaluated?)")
 
 
 def load_cells(path, suite, compressor):
@@ -368,8 +371,9 @@ def with_goodness(p, cells):
     residual = law(p, cells.N, cells.V) - cells.error
     sse = float(residual @ residual)
     spread = cells.error - cells.error.mean()
+    total = float(spread @ spread)  # 0 only in a bootstrap resample of identical errors: R^2 undefined
     return {**p, "ratio": p["alpha"] / p["beta"] if p["beta"] > 0 else math.inf,
-            "sse": sse, "r2": 1 - sse / float(spread @ spread)}
+            "sse": sse, "r2": 1 - sse / total if total > 0 else math.nan}
 
 
 def fit_law(cells, box):

@@ -255,6 +255,7 @@ GOOD = "".join(f"{n},{v},0.5\n" for n in (0.5, 7) for v in (1, 576))
     ("few_cells.csv", HEADER + "0.5,1,0.4\n0.5,4,0.4\n7,1,0.5\n", "only 3 distinct (N, V) cells, fewer than the law's 4 parameters"),
     ("one_size.csv", HEADER + "".join(f"7,{v},0.5\n" for v in (1, 4, 16, 36)), "needs at least two LLM sizes"),
     ("one_count.csv", HEADER + "".join(f"{n},16,0.5\n" for n in (0.5, 1.8, 4, 7)), "needs at least two token counts"),
+    ("flat.csv", HEADER + GOOD, "every cell has error 0.5; the law needs errors that vary"),
     ("nan.csv", HEADER + GOOD + "4,16,nan\n", "line 6: score = 'nan' is not finite"),
     ("inf.jsonl", '{"params_b": 4, "tokens": 16, "score": Infinity}\n', "line 1: score = inf is not finite"),
     ("text.csv", HEADER + "4,16,high\n" + GOOD, "line 2: score = 'high' is not a number"),

@@ -1,0 +1,90 @@
+"""The toy world and the demo that runs the scaling study on it."""
+import csv
+import json
+import os
+import re
+
+import torch
+
+import conversation
+import toy
+import vlm
+from conftest import run_script
+
+CAPTION_OBJECT = re.compile(r"a (\w+) (\w+) at the ([\w ]+?)(?:,|\.|$)")
+
+
+def test_random_toy_encoder_features_answer_the_questions(toy_data):
+    """The frozen random toy tower is enough: colour and shape of each object are linearly
+    readable from its cell's mean patch feature (select layer), on held-out objects."""
+    model, _, processor = vlm.build("toy-xs", "toy", 1, "pool")
+    records = json.load(open(toy_data / "pretrain.json"))
+    pixels = torch.stack([conversation.load_image(str(toy_data / "images" / r["image"]), processor) for r in records])
+    patches, _ = model.encode_images(pixels)  # (images, 576, width)
+    rows = torch.arange(24) * 3 // 24
+    cell_of_patch = (rows[:, None] * 3 + rows[None, :]).flatten()
+    features, colours, shapes = [], [], []
+    for image, record in zip(patches, records):
+        for colour, shape, position in CAPTION_OBJECT.findall(record["conversations"][1]["value"]):
+            features.append(image[cell_of_patch == toy.POSITIONS.index(position)].mean(0))
+            colours.append(toy.COLOURS.index(colour))
+            shapes.append(toy.SHAPES.index(shape))
+    x = torch.stack(features)
+    split = int(0.8 * len(x))
+    x = (x - x[:split].mean(0)) / x[:split].std(0)
+    for name, labels, classes in (("colour", colours, toy.COLOURS), ("shape", shapes, toy.SHAPES)):
+        y = torch.tensor(labels)
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(x.shape[1], len(classes))
+        optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(300):
+            loss = torch.nn.functional.cross_entropy(probe(x[:split]), y[:split])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        accuracy = (probe(x[split:]).argmax(-1) == y[split:]).float().mean().item()
+        assert accuracy > 0.8, f"{name}: held-out probe accuracy {accuracy:.2f} on {len(x) - split} objects"
+
+
+def test_demo_grid_writes_every_output_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo.py", "--out", str(out), "--sizes", "toy-xs,toy-s", "--tokens", "1,4", "--stage1-steps", "2",
+            "--stage2-steps", "4", "--num-train", "64", "--num-eval", "6"]
+    first = run_script(*args)
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["run"], r["benchmark"]) for r in rows} == {
+        (f"{size}-v{v}", bench) for size in ("toy-xs", "toy-s") for v in (1, 4) for bench in ("toy_reasoning", "toy_ocr")}
+    params = {r["run"]: float(r["params_b"]) for r in rows}
+    assert params["toy-s-v1"] > 5 * params["toy-xs-v1"]
+    assert all(0 <= float(r["score"]) <= 1 for r in rows)
+    summary = (out / "summary.md").read_text()
+    for name in ("toy-xs-v1", "toy-xs-v4", "toy-s-v1", "toy-s-v4", "majority answer", "## Fitted law",
+                 "## Does the toy world reproduce the paper?"):
+        assert name in summary
+    # four steps of training leave every accuracy where it started: the fit says why it refused
+    assert ("every cell has error" in summary) or (out / "fit_reasoning.json").exists()
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"toy-xs-v1", "toy-xs-v4", "toy-s-v1", "toy-s-v4", "total"}
+    assert "Toy-world scaling study" in first.stdout
+
+    run_script(*args)  # everything is done: nothing is trained again
+    for name in timings:
+        if name != "total":
+            log = (out / "runs" / name / "log.txt").read_text()
+            assert log.count("02_finetune.py") == 1 and log.count("03_evaluate.py") == 1
+
+
+def test_print_real_lists_the_papers_grid():
+    lines = run_script("demo.py", "--print-real").stdout.splitlines()
+    finetune = [line for line in lines if "02_finetune.py" in line]
+    assert len(finetune) == 4 * 7
+    for llm in ("Qwen/Qwen1.5-0.5B-Chat", "Qwen/Qwen1.5-1.8B-Chat", "Qwen/Qwen1.5-4B-Chat", "Qwen/Qwen1.5-7B-Chat"):
+        assert {int(re.search(r"--tokens (\d+)", line).group(1)) for line in finetune if llm in line} == \
+            {1, 4, 16, 36, 64, 144, 576}
+    assert sum("04_fit_scaling.py" in line for line in lines) == 2
+
+
+def test_full_conflicts_with_an_explicit_grid():
+    result = run_script("demo.py", "--full", "--sizes", "toy-s", check=False)
+    assert result.returncode == 2 and "--full sets --sizes and --tokens" in result.stderr
