@@ -103,11 +103,17 @@ def run(log, *args, threads=None):
             raise StepFailed(f"{args[0]} failed; its output is at the end of {log}")
 
 
+def run_dirs(out, size, tokens):
+    """-> (name, stage-1, stage-2 and evaluation directories) of one grid point."""
+    name = f"{size}-v{tokens}"
+    return (name, *(os.path.join(out, "runs", name, part) for part in ("stage1", "stage2", "eval")))
+
+
 def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
     """Stage 1, stage 2 and evaluation of one grid point; each step skipped if already done.
     -> seconds spent."""
-    data, name = os.path.join(out, "data"), f"{size}-v{tokens}"
-    stage1, stage2, evaluation = (os.path.join(out, "runs", name, part) for part in ("stage1", "stage2", "eval"))
+    data = os.path.join(out, "data")
+    name, stage1, stage2, evaluation = run_dirs(out, size, tokens)
     log = os.path.join(out, "runs", name, "log.txt")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     common = ["--vision", args.vision, "--image-folder", os.path.join(data, "images"),
@@ -138,8 +144,7 @@ def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
 
 def read_run(out, size, tokens):
     """The score rows of one finished grid point."""
-    name = f"{size}-v{tokens}"
-    stage2, evaluation = (os.path.join(out, "runs", name, part) for part in ("stage2", "eval"))
+    name, _, stage2, evaluation = run_dirs(out, size, tokens)
     losses = [json.loads(line)["loss"] for line in open(os.path.join(stage2, "log.jsonl"))]
     rows = []
     for result in map(json.loads, open(os.path.join(evaluation, "results.jsonl"))):
@@ -240,7 +245,7 @@ def findings(rows, fits, best, baselines):
             fit = fits[split]
             text.append(f"The fit gives alpha {fit['alpha']:.3f} and beta {fit['beta']:.3f} "
                         f"({'alpha > beta' if fit['alpha'] > fit['beta'] else 'alpha <= beta'}).")
-    weak = [c for c, b in best.items() if best[c] < 2 * 100 * baselines["reasoning"][c]]
+    weak = [c for c, accuracy in best.items() if accuracy < 2 * 100 * baselines["reasoning"][c]]
     if weak:
         text.append(f"Caveat: on {', '.join(weak)} questions even the best run stays below twice the "
                     "majority-answer baseline, so those types mostly measure the answer prior, not the image; "
@@ -293,6 +298,8 @@ def main():
                     "--output-dir", folder, "--bootstrap", "200")
             except StepFailed as e:  # e.g. every run at the same accuracy: say so in the summary
                 fits[split] = {"failed": open(log).read().strip().splitlines()[-1]}
+                if os.path.exists(os.path.join(out, f"fit_{split}.json")):  # from an earlier invocation
+                    os.remove(os.path.join(out, f"fit_{split}.json"))
                 print(f"warning: {e}")
                 continue
             shutil.copy(os.path.join(folder, "fit.json"), os.path.join(out, f"fit_{split}.json"))
