@@ -33,10 +33,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
 DEFAULT_GRID = ("toy-xs,toy-s,toy-m", "1,4,16,144")
 FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
-# Batch sizes and stage-2 learning rate of the toy runs. Measured: batches of 4 at 1e-3 read count
-# from ~3x fewer samples, but learn the answer format later; 500-600 such steps leave some models
-# short of it, and 800 (count at 93-97%) take 22.5 min, over the 20 the demo may use.
-STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 3e-3
 
 # The paper's grid (REFERENCE.md): Qwen1.5 chat LLMs x V, LLaVA-1.5 data, both suites.
 REAL_LLMS = ["Qwen/Qwen1.5-0.5B-Chat", "Qwen/Qwen1.5-1.8B-Chat", "Qwen/Qwen1.5-4B-Chat", "Qwen/Qwen1.5-7B-Chat"]
@@ -127,8 +123,7 @@ def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
     if not os.path.exists(os.path.join(stage1, "projector.safetensors")):
         run(log, "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
             "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
-            "--max-steps", str(args.stage1_steps),
-            "--batch-size", str(STAGE1_BATCH), "--micro-batch-size", str(STAGE1_BATCH),
+            "--max-steps", str(args.stage1_steps), "--batch-size", "32", "--micro-batch-size", "32",
             threads=None if stage1_only else threads)
     if stage1_only:
         return time.time() - t0
@@ -136,9 +131,8 @@ def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
     if not os.path.exists(os.path.join(stage2, "llm")):
         run(log, "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
             "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
-            "--max-steps", str(args.stage2_steps),
-            "--batch-size", str(STAGE2_BATCH), "--micro-batch-size", str(STAGE2_BATCH),
-            "--lr", str(STAGE2_LR), threads=threads)
+            "--max-steps", str(args.stage2_steps), "--batch-size", "16", "--micro-batch-size", "16",
+            "--lr", "3e-3", threads=threads)
     bar.update()
     if not os.path.exists(os.path.join(evaluation, "results.jsonl")):
         run(log, "03_evaluate.py", "--model", stage2, "--bench", ",".join(SPLITS.values()),
@@ -192,8 +186,7 @@ def write_summary(out, rows, fits, baselines, args, seconds):
     categories = sorted(baselines["reasoning"])
     lines = ["# Toy-world scaling study", "",
              f"Grid: LLMs {', '.join(args.sizes)} x V in {', '.join(map(str, args.tokens))}, compressor "
-             f"{args.compressor}; stage 1 {args.stage1_steps} steps of {STAGE1_BATCH} samples, stage 2 "
-             f"{args.stage2_steps} steps of {STAGE2_BATCH} (lr {STAGE2_LR}); "
+             f"{args.compressor}; stage 1 {args.stage1_steps} steps, stage 2 {args.stage2_steps} steps; "
              f"{args.num_train} training images, {args.num_eval} held-out images. "
              f"Wall time of this invocation {seconds / 60:.1f} min. Accuracy in percent.", "",
              "| run | params | V | reasoning | " + " | ".join(categories) + " | OCR | stage-2 loss |",

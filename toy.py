@@ -51,10 +51,8 @@ def _tokenizer_corpus():
         "What colour is the shape? What shape is at the position? Where is the object?",
         "There is a picture of some shapes with the word 0 1 2 3 4 5 6 7 8 9 and and.",
     ]
-    words = COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS + ["yes", "no"]
-    # each word alone too: an answer starts its turn without a leading space, and should be one
-    # token, as common words are in a real LLM's vocabulary (not spelled out letter by letter)
-    return sentences + [" ".join(words)] * 4 + words * 4 + [w + "s" for w in SHAPES]
+    vocabulary = " ".join(COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS)
+    return sentences + [vocabulary] * 4 + [w + "s" for w in SHAPES]
 
 
 def build_tokenizer():

@@ -2,8 +2,6 @@
 
 Writes, deterministically from --seed, in LLaVA's formats:
   OUT/images/*.png
-  OUT/scenes.json          every image's objects (colour, shape, cell) and word: the ground truth,
-                           for checks and diagnostics
   OUT/pretrain.json        stage 1: image + caption (the human turn asks for a description)
   OUT/finetune.json        stage 2: multi-turn questions and answers, plus text-only samples
   OUT/eval/toy_reasoning/questions.jsonl  held-out images: colour, shape, count, position, existence
@@ -79,46 +77,20 @@ def caption(scene):
     return ", ".join(parts) + "."
 
 
-def object_questions(colour, shape, cell):
-    return [("colour", f"What colour is the {shape}?", colour),
-            ("shape", f"What shape is the {colour} object?", shape),
-            ("position", f"Where is the {colour} {shape}?", POSITIONS[cell])]
-
-
-def scene_questions(rng, scene):
-    """The questions about the whole scene: count, existence and, with a word, OCR."""
+def questions(rng, scene):
+    """All question types this scene can answer: -> [(type, question, answer)]."""
+    colour, shape, cell = rng.choice(scene["objects"])
     absent = rng.choice([(c, s) for c in COLOURS for s in SHAPES
                          if (c, s) not in {(o[0], o[1]) for o in scene["objects"]}])
-    colour, shape, _ = rng.choice(scene["objects"])
     asked = rng.choice([(colour, shape), absent])
-    out = [("count", "How many shapes are there?", NUMBERS[len(scene["objects"])]),
+    out = [("colour", f"What colour is the {shape}?", colour),
+           ("shape", f"What shape is the {colour} object?", shape),
+           ("count", "How many shapes are there?", NUMBERS[len(scene["objects"])]),
+           ("position", f"Where is the {colour} {shape}?", POSITIONS[cell]),
            ("exists", f"Is there a {asked[0]} {asked[1]}?", "yes" if asked == (colour, shape) else "no")]
     if scene["word"]:
         out.append(("ocr", "What word is written in the image?", scene["word"][0]))
     return out
-
-
-def questions(rng, scene):
-    """One question of each type this scene can answer (held-out evaluation): -> [(type, question, answer)]."""
-    return object_questions(*rng.choice(scene["objects"])) + scene_questions(rng, scene)
-
-
-def gives_away(question, answer):
-    return f" {answer} " in f" {question.rstrip('?')} "
-
-
-def training_questions(rng, scene, limit):
-    """Up to `limit` questions for one training conversation, none of which gives away another's
-    answer ("Where is the red circle?" answers "What colour is the circle?"). With such leaks a
-    small LLM can learn to copy answers from earlier turns instead of reading the image, and a
-    one-question evaluation gives it nothing to copy."""
-    candidates = [q for obj in scene["objects"] for q in object_questions(*obj)] + scene_questions(rng, scene)
-    rng.shuffle(candidates)
-    chosen = []
-    for kind, question, answer in candidates:
-        if len(chosen) < limit and not any(gives_away(question, a) or gives_away(q, answer) for _, q, a in chosen):
-            chosen.append((kind, question, answer))
-    return chosen
 
 
 def text_only_sample(rng, index):
@@ -140,20 +112,20 @@ def main():
     parser.add_argument("--num-eval", type=int, default=300, help="held-out images")
     parser.add_argument("--word-fraction", type=float, default=0.5, help="images with a word in them")
     parser.add_argument("--questions-per-image", type=int, default=0,
-                        help="questions (turns) per training image, at most; 0: 1 to 3 at random")
+                        help="questions (turns) per training image, each of a different type; 0: 1 to 3 at random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    pretrain, finetune, reasoning, ocr, scenes = [], [], [], [], {}
+    pretrain, finetune, reasoning, ocr = [], [], [], []
     for i in tqdm(range(args.num_train + args.num_eval), desc="toy images"):
         scene = make_scene(rng, rng.random() < args.word_fraction)
         image = f"{'train' if i < args.num_train else 'eval'}_{i:06d}.png"
         render(scene, os.path.join(args.out, "images", image))
-        scenes[image] = scene
+        qa = questions(rng, scene)
         if i >= args.num_train:  # held out: one question of each type
-            for kind, question, answer in questions(rng, scene):
+            for kind, question, answer in qa:
                 target = ocr if kind == "ocr" else reasoning
                 target.append({"question_id": f"{image[:-4]}-{kind}", "image": image,
                                "question": question, "answers": [answer], "category": kind})
@@ -162,15 +134,14 @@ def main():
             {"from": "human", "value": with_image_tag(rng, rng.choice(DESCRIBE))},
             {"from": "gpt", "value": caption(scene)}]})
         turns = []
-        for kind, question, answer in training_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
+        asked = min(args.questions_per_image, len(qa)) if args.questions_per_image else rng.randint(1, min(3, len(qa)))
+        for kind, question, answer in rng.sample(qa, asked):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
         turns[0]["value"] = with_image_tag(rng, turns[0]["value"])
         finetune.append({"id": f"qa-{i}", "image": image, "conversations": turns})
         if i % 20 == 0:
             finetune.append(text_only_sample(rng, i))
 
-    with open(os.path.join(args.out, "scenes.json"), "w") as f:
-        json.dump(scenes, f)
     with open(os.path.join(args.out, "pretrain.json"), "w") as f:
         json.dump(pretrain, f)
     with open(os.path.join(args.out, "finetune.json"), "w") as f:
