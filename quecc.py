@@ -5,7 +5,8 @@ Four compressors share one interface, so every experiment differs by one flag:
   tokenpacker  the same region attention with text-free, bilinear queries
   pool         average-pool the patch grid to V cells, then the MLP
   mlp          LLaVA-1.5's projector on all patches (no compression)
-Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM.
+Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM. Before
+them, the features may be standardized per channel (off unless fitted; see Standardize).
 
 QueCC, step by step (Li et al. 2024, section 3; shapes for CLIP-L/336, V = 4):
   question embedding (B, d_llm) --Linear+LayerNorm--> (B, 1024), added to every patch
@@ -115,6 +116,35 @@ class RegionAttention(nn.Module):
         return out.reshape(b, self.side ** 2, width)
 
 
+class Standardize(nn.Module):
+    """Per-channel (x - mean) / std, statistics measured once on training images, then frozen.
+
+    An identity until fit() (train.py --standardize-features). It is for encoders whose features
+    share a large picture-independent part: in the random toy tower that part is ~3x the part
+    that varies, and the projector, trained with Adam, then learns the small informative
+    directions (an object's shape) slowly or not at all within a toy budget (README).
+    """
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+
+    @torch.no_grad()
+    def fit(self, chunks):
+        """chunks: an iterable of (..., width) tensors, accumulated in float64."""
+        count, total, squares = 0, 0.0, 0.0
+        for x in chunks:
+            x = x.reshape(-1, x.shape[-1]).double()
+            count, total, squares = count + len(x), total + x.sum(0), squares + (x * x).sum(0)
+        mean = total / count
+        self.mean.copy_(mean)
+        self.std.copy_((squares / count - mean * mean).clamp_min(1e-12).sqrt())
+
+    def forward(self, x):
+        return None if x is None else (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 class AveragePool(nn.Module):
     def __init__(self, tokens, grid):
         super().__init__()
@@ -152,6 +182,8 @@ class Projector(nn.Module):
         else:
             self.compress = Identity()
         self.to_llm = mlp2x_gelu(vision_width, llm_width)
+        self.standardize_patches = Standardize(vision_width)
+        self.standardize_multi_level = Standardize(num_key_layers * vision_width)
 
     @property
     def needs_question(self):
@@ -162,4 +194,5 @@ class Projector(nn.Module):
         return self.compressor in ("quecc", "tokenpacker")
 
     def forward(self, patches, multi_level=None, question=None):
+        patches, multi_level = self.standardize_patches(patches), self.standardize_multi_level(multi_level)
         return self.to_llm(self.compress(patches, multi_level, question))

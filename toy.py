@@ -14,8 +14,7 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMod
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "cross"]
-POSITIONS = ["top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right"]
+POSITIONS = ["top left", "top right", "bottom left", "bottom right"]  # the cells of a 2x2 grid, row by row
 NUMBERS = ["zero", "one", "two", "three", "four"]
 WORDS = ["cat", "dog", "sun", "box", "car", "map", "pen", "cup", "hat", "key", "bus", "egg"]
 
@@ -26,11 +25,11 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-# (hidden, layers, heads, kv heads, mlp): ~50K to ~9M parameters, over 100x.
+# (hidden, layers, heads, kv heads, mlp): 0.04M, 0.28M, 1.05M and 8.0M parameters (vocabulary 512).
 LLM_SIZES = {
     "toy-xs": (32, 2, 4, 2, 64),
     "toy-s": (64, 4, 4, 2, 256),
-    "toy-m": (128, 6, 4, 2, 512),
+    "toy-m": (128, 4, 4, 2, 512),
     "toy-l": (256, 8, 8, 4, 1024),
 }
 LLM_SIZES["toy"] = LLM_SIZES["toy-s"]
@@ -48,11 +47,14 @@ def _tokenizer_corpus():
         "Describe the image briefly. What is written in the image? How many shapes are there?",
         "Is there a shape in the image? Answer the question using a single word or phrase.",
         "Answer with the option's letter from the given choices directly. yes no A B C D",
-        "What colour is the shape? What shape is at the position? Where is the object?",
+        "What colour is the shape? What colour are the shapes? What shape is the object?",
+        "What shape are the objects? Where is the shape?",
         "There is a picture of some shapes with the word 0 1 2 3 4 5 6 7 8 9 and and.",
     ]
-    vocabulary = " ".join(COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS)
-    return sentences + [vocabulary] * 4 + [w + "s" for w in SHAPES]
+    words = COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS + ["yes", "no"]
+    # each word alone too: an answer starts its turn without a leading space, and should be one
+    # token, as common words are in a real LLM's vocabulary (not spelled out letter by letter)
+    return sentences + [" ".join(words)] * 4 + words * 4 + [w + "s" for w in SHAPES]
 
 
 def build_tokenizer():
@@ -73,7 +75,11 @@ def build_llm(name, vocab_size):
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads,
                          intermediate_size=mlp, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0)
+                         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0,
+                         # weights ~ 1/sqrt(width), not the 0.02 tuned for 768+ wide models: at
+                         # width 32-256, 0.02 starts attention so flat that a toy LLM needs thousands
+                         # of steps to learn to read the visual tokens (measured in README)
+                         initializer_range=hidden ** -0.5)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
         return Qwen2ForCausalLM(config)

@@ -66,6 +66,9 @@ def parse_args(stage):
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--standardize-features", action="store_true",
+                   help="standardize the vision features per channel, with statistics of the first 256 training "
+                        "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (features.py)")
     args = p.parse_args()
@@ -74,6 +77,8 @@ def parse_args(stage):
     args.train_llm = stage["train_llm"]
     if args.lora and not args.train_llm:
         p.error("--lora/--qlora train the LLM; stage 1 trains the projector only")
+    if args.standardize_features and args.projector:
+        p.error("--standardize-features fits a new projector's statistics; --projector brings its own")
     return args
 
 
@@ -244,6 +249,29 @@ def build_model(args, device):
     return model, tokenizer, image_processor
 
 
+STANDARDIZE_IMAGES = 256
+
+
+def fit_standardization(model, dataset, pad_id, device, chunk=8):
+    """Fit the projector's feature standardization on the first STANDARDIZE_IMAGES image samples:
+    the same images on every rank, so every replica of the projector gets the same statistics."""
+    samples = []
+    for index in range(len(dataset)):
+        if len(samples) == STANDARDIZE_IMAGES:
+            break
+        sample = dataset[index]
+        if conversation.has_image(sample):
+            samples.append(sample)
+    features = []
+    for start in range(0, len(samples), chunk):
+        batch = conversation.collate(samples[start:start + chunk], pad_id)
+        encoded = batch["features"] if "features" in batch else model.encode_images(batch["pixel_values"].to(device))
+        features.append(tuple(None if f is None else f.float().cpu() for f in encoded))  # CLIP-L: ~3 GB
+    model.projector.standardize_patches.fit(patches for patches, _ in features)
+    if features[0][1] is not None:
+        model.projector.standardize_multi_level.fit(multi_level for _, multi_level in features)
+
+
 def main(stage):
     args = parse_args(stage)
     rank, world, device = setup_distributed()
@@ -281,6 +309,9 @@ def main(stage):
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache)
+    if args.standardize_features:
+        fit_standardization(model, dataset, tokenizer.pad_token_id, device)
+        say(f"standardized vision features with statistics of {STANDARDIZE_IMAGES} training images")
     batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
     if not batches:
         raise SystemExit(f"{args.data}: {len(dataset)} samples is less than one global batch ({args.batch_size})")

@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import re
+from collections import Counter
 
 import torch
 
@@ -21,8 +22,8 @@ def test_random_toy_encoder_features_answer_the_questions(toy_data):
     records = json.load(open(toy_data / "pretrain.json"))
     pixels = torch.stack([conversation.load_image(str(toy_data / "images" / r["image"]), processor) for r in records])
     patches, _ = model.encode_images(pixels)  # (images, 576, width)
-    rows = torch.arange(24) * 3 // 24
-    cell_of_patch = (rows[:, None] * 3 + rows[None, :]).flatten()
+    rows = torch.arange(24) * 2 // 24  # the 2x2 grid of cells over the 24x24 patches
+    cell_of_patch = (rows[:, None] * 2 + rows[None, :]).flatten()
     features, colours, shapes = [], [], []
     for image, record in zip(patches, records):
         for colour, shape, position in CAPTION_OBJECT.findall(record["conversations"][1]["value"]):
@@ -44,6 +45,50 @@ def test_random_toy_encoder_features_answer_the_questions(toy_data):
             optimizer.step()
         accuracy = (probe(x[split:]).argmax(-1) == y[split:]).float().mean().item()
         assert accuracy > 0.8, f"{name}: held-out probe accuracy {accuracy:.2f} on {len(x) - split} objects"
+
+
+def test_training_conversations_are_true_and_never_give_an_answer_away(toy_data):
+    """Every answer matches the scene (scenes.json), and no turn's question contains another
+    turn's answer: otherwise the LLM learns to copy from earlier turns, not to read the image."""
+    scenes = json.load(open(toy_data / "scenes.json"))
+    conversations = [r for r in json.load(open(toy_data / "finetune.json")) if "image" in r]
+    assert len(conversations) == 160 and len(scenes) == 170
+    several, kinds = 0, set()
+    for record in conversations:
+        scene = scenes[record["image"]]
+        colour, shape, cell = scene["objects"][0]
+        assert {(c, s) for c, s, _ in scene["objects"]} == {(colour, shape)}  # one kind of object
+        turns = record["conversations"]
+        pairs = [(turns[k]["value"].replace("<image>", "").strip().split("\n")[0], turns[k + 1]["value"])
+                 for k in range(0, len(turns), 2)]
+        several += len(pairs) > 1
+        for question, answer in pairs:
+            kind, truth = {"What colour": ("colour", colour), "What shape ": ("shape", shape),
+                           "How many sh": ("count", toy.NUMBERS[len(scene["objects"])]),
+                           "Where is th": ("position", toy.POSITIONS[cell]),
+                           "Is there a ": ("exists", "yes" if question == f"Is there a {colour} {shape}?" else "no"),
+                           "What word i": ("ocr", scene["word"] and scene["word"][0])}[question[:11]]
+            assert answer == truth, (record["id"], question, answer)
+            assert kind != "position" or len(scene["objects"]) == 1, (record["id"], question)
+            kinds.add(kind)
+            for other, _ in pairs:
+                assert f" {answer} " not in f" {other.rstrip('?')} ", (record["id"], other, answer)
+    assert several > 100 and kinds == {"colour", "shape", "count", "position", "exists", "ocr"}
+
+
+def test_held_out_images_cover_every_colour_and_shape_evenly(toy_data):
+    """The majority-answer baseline of colour and shape questions is chance, not a lucky draw."""
+    questions = [json.loads(line) for line in open(toy_data / "eval" / "toy_reasoning" / "questions.jsonl")]
+    for kind, values in (("colour", toy.COLOURS), ("shape", toy.SHAPES)):
+        counts = Counter(q["answers"][0] for q in questions if q["category"] == kind)
+        assert max(counts.values()) - min(counts.get(v, 0) for v in values) <= 1, (kind, counts)
+
+
+def test_every_toy_answer_is_one_token(tokenizer):
+    """Answers start their turn without a space; each is one token, as common words are in a real
+    vocabulary (a spelled-out answer makes the toy LLM learn spelling before reading images)."""
+    for word in toy.COLOURS + toy.SHAPES + toy.NUMBERS + toy.WORDS + ["yes", "no", "top", "bottom", "left", "right"]:
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
 
 
 def test_demo_grid_writes_every_output_and_resumes(tmp_path):

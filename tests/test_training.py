@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import conversation
 import toy
@@ -56,11 +57,22 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
     common = ["--llm", llm_dir, "--vision", vision_dir, "--tokens", "4", "--image-folder",
               str(toy_data / "images"), "--num-workers", "0"]
     run_script("01_pretrain_projector.py", *common, "--data", str(toy_data / "pretrain.json"),
-               "--output-dir", str(tmp_path / "s1"), "--max-steps", "10", "--batch-size", "16")
+               "--output-dir", str(tmp_path / "s1"), "--max-steps", "10", "--batch-size", "16",
+               "--standardize-features")
     s1 = tmp_path / "s1"
     config = json.load(open(s1 / "vlm_config.json"))
     assert config["tokens"] == 4 and config["compressor"] == "quecc" and config["key_layers"] == [3, 4, 6, 6]
     assert (s1 / "projector.safetensors").exists() and not (s1 / "llm").exists()
+    # --standardize-features: the projector holds each channel's mean and std over the training
+    # images (all 160 caption images here, under the 256 it reads), computed here directly
+    model, _, processor = vlm.build(llm_dir, vision_dir, 4, "quecc")
+    images = [r["image"] for r in json.load(open(toy_data / "pretrain.json"))]
+    patches, multi_level = model.encode_images(torch.stack(
+        [conversation.load_image(str(toy_data / "images" / image), processor) for image in images]))
+    stats = load_file(s1 / "projector.safetensors")
+    for name, features in (("standardize_patches", patches), ("standardize_multi_level", multi_level)):
+        assert torch.allclose(stats[f"{name}.mean"], features.mean((0, 1)), atol=1e-4)
+        assert torch.allclose(stats[f"{name}.std"], features.std((0, 1), correction=0), rtol=1e-3)
 
     run_script("02_finetune.py", *common, "--projector", str(s1), "--data", str(toy_data / "finetune.json"),
                "--output-dir", str(tmp_path / "s2"), "--max-steps", "50", "--batch-size", "8", "--lr", "2e-3")
@@ -73,6 +85,7 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
     model, _, _ = vlm.load_pretrained(tmp_path / "s2")
     assert (tmp_path / "s2" / "llm" / "model.safetensors").exists()
     assert model.config["stage"] == 2
+    assert torch.equal(model.projector.standardize_patches.mean, stats["standardize_patches.mean"])
 
 
 def test_projector_from_another_configuration_is_refused(toy_data, tmp_path):
