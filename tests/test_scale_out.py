@@ -55,7 +55,7 @@ def test_two_process_fsdp_shards_and_matches_one_process(toy_data, tmp_path, ref
 def test_how_the_batch_is_split_does_not_change_the_losses(toy_data, tmp_path, reference, split):
     run_script(*finetune_args(toy_data, tmp_path, *split))
     for a, b in zip(losses(tmp_path), reference):
-        assert abs(a - b) <= 1e-5
+        assert abs(a - b) <= 1e-5 * abs(b)  # float32 sums taken in another order: relative noise
 
 
 def test_kill_9_then_resume_gives_the_same_losses(toy_data, tmp_path, reference):

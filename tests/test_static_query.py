@@ -31,7 +31,7 @@ def one_thread():
 
 def sharp_model(compressor, tokens=4):
     model, tokenizer, image_processor = vlm.build("toy-xs", "toy", tokens, compressor)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(1)  # a draw whose answers vary with the image
     with torch.no_grad():
         for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
             if p.ndim == 2:
