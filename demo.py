@@ -80,7 +80,7 @@ def parse_args():
     p.add_argument("--stage1-steps", type=int, default=10)
     p.add_argument("--stage2-steps", type=int, default=200)
     p.add_argument("--num-train", type=int, default=2000, help="training images")
-    p.add_argument("--num-eval", type=int, default=100, help="held-out images (5-6 questions each)")
+    p.add_argument("--num-eval", type=int, default=100, help="held-out images (4-6 questions each)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs trained side by side, one CPU thread each (tiny models use threads poorly: "
                         "two one-thread runs do 1.3-1.5x the work of one two-thread run on 2 cores)")

@@ -254,7 +254,8 @@ STANDARDIZE_IMAGES = 256
 
 def fit_standardization(model, dataset, pad_id, device, chunk=8):
     """Fit the projector's feature standardization on the first STANDARDIZE_IMAGES image samples:
-    the same images on every rank, so every replica of the projector gets the same statistics."""
+    the same images on every rank, so every replica of the projector gets the same statistics.
+    -> the number of images measured."""
     samples = []
     for index in range(len(dataset)):
         if len(samples) == STANDARDIZE_IMAGES:
@@ -262,6 +263,8 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
         sample = dataset[index]
         if conversation.has_image(sample):
             samples.append(sample)
+    if not samples:
+        raise SystemExit(f"error: {dataset.path}: no sample with an image, nothing for --standardize-features to measure")
     features = []
     for start in range(0, len(samples), chunk):
         batch = conversation.collate(samples[start:start + chunk], pad_id)
@@ -270,6 +273,7 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     model.projector.standardize_patches.fit(patches for patches, _ in features)
     if features[0][1] is not None:
         model.projector.standardize_multi_level.fit(multi_level for _, multi_level in features)
+    return len(samples)
 
 
 def main(stage):
@@ -310,8 +314,8 @@ def main(stage):
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache)
     if args.standardize_features:
-        fit_standardization(model, dataset, tokenizer.pad_token_id, device)
-        say(f"standardized vision features with statistics of {STANDARDIZE_IMAGES} training images")
+        measured = fit_standardization(model, dataset, tokenizer.pad_token_id, device)
+        say(f"standardized vision features with statistics of {measured} training images")
     batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
     if not batches:
         raise SystemExit(f"{args.data}: {len(dataset)} samples is less than one global batch ({args.batch_size})")

@@ -111,6 +111,16 @@ def test_bad_input_stops_before_training_with_its_name(toy_data, tmp_path):
     assert "skipped 1 bad samples of 20" in result.stdout
 
 
+def test_standardizing_features_of_text_only_data_is_refused_by_name(toy_data, tmp_path):
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps([r for r in json.load(open(toy_data / "finetune.json")) if "image" not in r]))
+    result = run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--data", str(path),
+                        "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                        "--num-workers", "0", "--standardize-features", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{path}: no sample with an image, nothing for --standardize-features to measure" in result.stderr
+
+
 def test_unsupported_token_count_is_refused_by_the_script(toy_data, tmp_path):
     result = run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--tokens", "5",
                         "--data", str(toy_data / "pretrain.json"), "--output-dir", str(tmp_path), check=False)
