@@ -13,8 +13,9 @@ vision tower's features are computed once per image (--feature-cache) and reused
 run, epoch and evaluation.
 
 Outputs in --out: scores.csv (params_b, tokens, benchmark, score per run), fit_reasoning.json
-and fit_ocr.json with the plots in fit_reasoning/ and fit_ocr/, summary.md, timings.json,
-demo.log (every script's output), and data/, cache/, runs/.
+and fit_ocr.json with the plots in fit_reasoning/ and fit_ocr/, summary.md, timings.json
+(seconds per run, summed over resumes; "total" is this invocation's wall time), demo.log
+(every script's output), and data/, cache/, runs/.
 """
 import argparse
 import csv
@@ -115,37 +116,48 @@ def run_dirs(out, size, tokens):
 
 def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
     """Stage 1, stage 2 and evaluation of one grid point; each step skipped if already done.
-    -> seconds spent."""
+    -> seconds its steps took, counted across invocations (kept in the run's seconds.json), so a
+    resumed demo still reports what every run cost."""
     data = os.path.join(out, "data")
     name, stage1, stage2, evaluation = run_dirs(out, size, tokens)
     log = os.path.join(out, "runs", name, "log.txt")
+    seconds_file = os.path.join(out, "runs", name, "seconds.json")
     os.makedirs(os.path.dirname(log), exist_ok=True)
+    seconds = json.load(open(seconds_file)) if os.path.exists(seconds_file) else {}
     common = ["--vision", args.vision, "--image-folder", os.path.join(data, "images"),
               "--feature-cache", os.path.join(out, "cache"), "--compressor", args.compressor, "--num-workers", "0"]
     threads = 1 if args.jobs > 1 else None
-    t0 = time.time()
-    if not os.path.exists(os.path.join(stage1, "projector.safetensors")):
-        run(log, "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
-            "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
-            "--max-steps", str(args.stage1_steps), "--standardize-features",
-            "--batch-size", str(STAGE1_BATCH), "--micro-batch-size", str(STAGE1_BATCH),
-            threads=None if stage1_only else threads)
+
+    def step(done_when, *script_args, threads):
+        if not os.path.exists(done_when):
+            t0 = time.time()
+            run(log, *script_args, threads=threads)
+            seconds[script_args[0]] = round(time.time() - t0, 1)
+            with open(seconds_file, "w") as f:
+                json.dump(seconds, f, indent=2)
+
+    step(os.path.join(stage1, "projector.safetensors"),
+         "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
+         "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
+         "--max-steps", str(args.stage1_steps), "--standardize-features",
+         "--batch-size", str(STAGE1_BATCH), "--micro-batch-size", str(STAGE1_BATCH),
+         threads=None if stage1_only else threads)
     if stage1_only:
-        return time.time() - t0
+        return
     bar.update()
-    if not os.path.exists(os.path.join(stage2, "llm")):
-        run(log, "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
-            "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
-            "--max-steps", str(args.stage2_steps),
-            "--batch-size", str(STAGE2_BATCH), "--micro-batch-size", str(STAGE2_BATCH),
-            "--lr", str(STAGE2_LR), threads=threads)
+    step(os.path.join(stage2, "llm"),
+         "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
+         "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
+         "--max-steps", str(args.stage2_steps),
+         "--batch-size", str(STAGE2_BATCH), "--micro-batch-size", str(STAGE2_BATCH),
+         "--lr", str(STAGE2_LR), threads=threads)
     bar.update()
-    if not os.path.exists(os.path.join(evaluation, "results.jsonl")):
-        run(log, "03_evaluate.py", "--model", stage2, "--bench", ",".join(SPLITS.values()),
-            "--max-new-tokens", "4", "--data-root", os.path.join(data, "eval"), "--output-dir", evaluation,
-            "--batch-size", "100", threads=threads)
+    step(os.path.join(evaluation, "results.jsonl"),
+         "03_evaluate.py", "--model", stage2, "--bench", ",".join(SPLITS.values()),
+         "--max-new-tokens", "4", "--data-root", os.path.join(data, "eval"), "--output-dir", evaluation,
+         "--batch-size", "100", threads=threads)
     bar.update()
-    return time.time() - t0
+    return round(sum(seconds.values()), 1)
 
 
 def read_run(out, size, tokens):
@@ -288,7 +300,7 @@ def main():
             spent = dict(zip(order, pool.map(lambda point: train_and_evaluate(args, *point, out, bar), order)))
     except StepFailed as e:
         sys.exit(f"error: {e}")
-    timings = {f"{size}-v{tokens}": round(spent[size, tokens], 1) for size, tokens in grid}
+    timings = {f"{size}-v{tokens}": spent[size, tokens] for size, tokens in grid}
     rows = [row for point in grid for row in read_run(out, *point)]
 
     with open(os.path.join(out, "scores.csv"), "w", newline="") as f:

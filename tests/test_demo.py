@@ -113,11 +113,13 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     assert set(timings) == {"toy-xs-v1", "toy-xs-v4", "toy-s-v1", "toy-s-v4", "total"}
     assert "Toy-world scaling study" in first.stdout
 
-    run_script(*args)  # everything is done: nothing is trained again
+    run_script(*args)  # everything is done: nothing is trained again, and every run keeps its cost
+    resumed = json.loads((out / "timings.json").read_text())
     for name in timings:
         if name != "total":
             log = (out / "runs" / name / "log.txt").read_text()
             assert log.count("02_finetune.py") == 1 and log.count("03_evaluate.py") == 1
+            assert resumed[name] == timings[name] > 0
 
 
 def test_print_real_lists_the_papers_grid():
