@@ -265,14 +265,16 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
             samples.append(sample)
     if not samples:
         raise SystemExit(f"error: {dataset.path}: no sample with an image, nothing for --standardize-features to measure")
-    features = []
-    for start in range(0, len(samples), chunk):
-        batch = conversation.collate(samples[start:start + chunk], pad_id)
-        encoded = batch["features"] if "features" in batch else model.encode_images(batch["pixel_values"].to(device))
-        features.append(tuple(None if f is None else f.float().cpu() for f in encoded))  # CLIP-L: ~3 GB
-    model.projector.standardize_patches.fit(patches for patches, _ in features)
-    if features[0][1] is not None:
-        model.projector.standardize_multi_level.fit(multi_level for _, multi_level in features)
+
+    def encoded(part):  # chunk by chunk, encoded again per statistic: CLIP-L's 256 images at once are ~3 GB
+        for start in range(0, len(samples), chunk):
+            batch = conversation.collate(samples[start:start + chunk], pad_id)
+            features = batch["features"] if "features" in batch else model.encode_images(batch["pixel_values"].to(device))
+            yield features[part].float()
+
+    model.projector.standardize_patches.fit(encoded(0))
+    if model.projector.needs_multi_level:
+        model.projector.standardize_multi_level.fit(encoded(1))
     return len(samples)
 
 
