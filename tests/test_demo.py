@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 
 import conversation
+import demo
 import toy
 import vlm
 from conftest import run_script
@@ -120,6 +121,30 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
             log = (out / "runs" / name / "log.txt").read_text()
             assert log.count("02_finetune.py") == 1 and log.count("03_evaluate.py") == 1
             assert resumed[name] == timings[name] > 0
+
+
+def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
+    """Both gains negative is no ordering (not "the paper's"), and a beta pinned at the box's upper
+    edge is reported as the box's answer."""
+    def row(size, params, v, bench, score):
+        return dict(run=f"{size}-v{v}", params_b=params, tokens=v, benchmark=bench, score=score,
+                    per_category={"colour": 100 * score}, loss_first=4.0, loss_last=1.0)
+    rows = [row(size, params, v, bench, score)
+            for size, params in (("toy-xs", 4e-5), ("toy-l", 8e-3)) for v in (1, 576)
+            for bench, score in (("toy_reasoning", 0.3 + (v > 1) * 0.4 + (params > 1e-3) * 0.1),
+                                 ("toy_ocr", 0.1 - (v > 1) * 0.03 - (params > 1e-3) * 0.05))]
+    fit = dict(alpha=0.03, beta=0.05, A=0.4, D=0.0, r2=0.2, warnings=[
+        "grid optimum: beta = 0.05 sits on the upper edge of its range [0, 0.05]; widen it",
+        "refined fit: beta = 0.05 sits on the upper edge of its range [0, 0.05]; widen it with --range beta=LO:HI"])
+    args = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,
+                                 stage2_steps=200, num_train=2000, num_eval=100))
+    baselines = {"reasoning": {"colour": 1 / 6}, "ocr": {"ocr": 1 / 12}}
+    demo.write_summary(tmp_path, rows, {"reasoning": fit}, baselines, args, 60)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "reasoning: beta = 0.05 sits on the upper edge of its range [0, 0.05]." in summary
+    reasoning, ocr = summary.split("**ocr**")
+    assert "(+10.0 points)" in reasoning and "(+40.0 points)" in reasoning and "opposite of the paper's" in reasoning
+    assert "Neither raises accuracy by a point: no ordering to read." in ocr
 
 
 def test_print_real_lists_the_papers_grid():
