@@ -381,18 +381,26 @@ def fit_law(cells, box):
     return with_goodness({name: values[0] for name, values in one.items()}, cells)
 
 
-def edge_warnings(p, box, label):
-    """An optimum on the box's edge is the box's answer, not the data's: say so."""
-    warnings = []
+def on_edge(p, box):
+    """{parameter: "lower" or "upper"} for every value sitting on an edge of its range."""
+    edges = {}
     for name in PARAMS:
         lo, hi, _ = box[name]
         for side, bound in (("lower", lo), ("upper", hi)):
-            if abs(p[name] - bound) > 1e-6 * (hi - lo):
-                continue
-            why = (f"widen it with --range {name}=LO:HI" if not (name == "D" and side == "lower") else
-                   "the fit would push the irreducible error below 0, which is meaningless (left free, the law "
-                   "degenerates to a log-linear one with alpha -> 0 and a huge A), so D is held at 0")
-            warnings.append(f"{label}: {name} = {p[name]:.4g} sits on the {side} edge of its range [{lo:g}, {hi:g}]; {why}")
+            if abs(p[name] - bound) <= 1e-6 * (hi - lo):
+                edges[name] = side
+    return edges
+
+
+def edge_warnings(p, box, label):
+    """An optimum on the box's edge is the box's answer, not the data's: say so."""
+    warnings = []
+    for name, side in on_edge(p, box).items():
+        lo, hi, _ = box[name]
+        why = (f"widen it with --range {name}=LO:HI" if not (name == "D" and side == "lower") else
+               "the fit would push the irreducible error below 0, which is meaningless (left free, the law "
+               "degenerates to a log-linear one with alpha -> 0 and a huge A), so D is held at 0")
+        warnings.append(f"{label}: {name} = {p[name]:.4g} sits on the {side} edge of its range [{lo:g}, {hi:g}]; {why}")
     return warnings
 
 
@@ -708,7 +716,7 @@ def run(args):
     # save
     result = {**fit, "grid_optimum": grid, "fit_seconds": fit_seconds, "source": cells.source, "n_cells": len(cells.N),
               "benchmarks": cells.benchmarks, "box": {name: list(b) for name, b in box.items()},
-              "generated_tokens": G, "optimal_v": table, "warnings": warnings}
+              "generated_tokens": G, "optimal_v": table, "on_edge": on_edge(fit, box), "warnings": warnings}
     if boot is not None:
         result.update({f"{name}_ci": interval(boot[name]) for name in PARAMS + ("ratio",)})
         result.update(bootstrap=args.bootstrap, seed=args.seed)

@@ -236,8 +236,8 @@ def write_summary(out, rows, fits, baselines, args, seconds):
             lines.append(f"| {split} | {fit['alpha']:.4f} {ci('alpha')} | {fit['beta']:.4f} {ci('beta')} | "
                          f"{fit['A']:.3f} | {fit['D']:.3f} | {fit.get('r2', float('nan')):.3f} |")
         # a value on the edge of the paper's search box is the box's answer, not the data's
-        edges = [f"{split}: {w[len('refined fit: '):].split(';')[0]}" for split, fit in fits.items()
-                 for w in fit.get("warnings", []) if w.startswith("refined fit: ")]
+        edges = [f"{split}: {name} = {fit[name]:.4g} on the {side} edge of [{fit['box'][name][0]:g}, "
+                 f"{fit['box'][name][1]:g}]" for split, fit in fits.items() for name, side in fit.get("on_edge", {}).items()]
         if edges:
             lines += ["", "On the edge of the paper's search box (04_fit_scaling.py --range widens it), so "
                       "set by the box rather than the data: " + "; ".join(edges) + "."]

@@ -242,6 +242,7 @@ def test_range_moves_the_box_and_edges_are_reported(tmp_path):
     result = fs.main(["--paper", "--bootstrap", "0", "--no-plots", "--range", "alpha=0:0.05", "--output-dir", str(tmp_path)])
     assert result["alpha"] == pytest.approx(0.05)
     assert any("alpha = 0.05 sits on the upper edge" in w and "--range alpha" in w for w in result["warnings"])
+    assert result["on_edge"]["alpha"] == "upper" and "beta" not in result["on_edge"]
 
 
 # -----------------------------------------------------------------------------
