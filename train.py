@@ -67,7 +67,7 @@ def parse_args(stage):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--standardize-features", action="store_true",
-                   help="standardize the vision features per channel, with statistics of the first 256 training "
+                   help=f"standardize the vision features per channel, with statistics of the first {STANDARDIZE_IMAGES} training "
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (features.py)")

@@ -15,6 +15,7 @@ and its question format (question_id, image, question, answers, category = quest
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -147,10 +148,12 @@ def main():
     pretrain, finetune, reasoning, ocr, scenes = [], [], [], [], {}
     for i in tqdm(range(args.num_train + args.num_eval), desc="toy images"):
         held_out = i >= args.num_train
-        # held-out images take colours and shapes in turn (every 24 images, each pairing once), so
-        # each is asked about equally often and a majority answer scores chance
+        # held-out images take colours and shapes in turn, each pairing once per 24 images (the
+        # shape steps one further every lcm(6, 4) = 12), so each is asked about equally often and
+        # a majority answer scores chance
         j = i - args.num_train
-        kind = (COLOURS[j % 6], SHAPES[(j + j // 12) % 4]) if held_out else None
+        cycle = math.lcm(len(COLOURS), len(SHAPES))
+        kind = (COLOURS[j % len(COLOURS)], SHAPES[(j + j // cycle) % len(SHAPES)]) if held_out else None
         scene = make_scene(rng, rng.random() < args.word_fraction, kind)
         image = f"{'eval' if held_out else 'train'}_{i:06d}.png"
         render(scene, os.path.join(args.out, "images", image))
