@@ -13,6 +13,7 @@ OUTPUT_DIR/BENCH/metrics.json, and OUTPUT_DIR/results.jsonl with one row per ben
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 import benchmarks
 import conversation
+import train
 import vlm
 from static_query import StaticQuery, plain_answers
 
@@ -42,7 +44,12 @@ def parse_args():
     p.add_argument("--question")
     p.add_argument("--static-query", action="store_true",
                    help="one fixed question for many images: its embedding (and prompt cache) computed once")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete answers in --output-dir that another model or other settings wrote, and start over")
     args = p.parse_args()
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.score_only:
         if not (args.bench and args.questions and args.answers):
             p.error("--score-only needs --bench, --questions and --answers")
@@ -64,20 +71,79 @@ def answer_parts(folder):
     return sorted(glob.glob(os.path.join(folder, "answers.part-*.jsonl")))
 
 
-def read_answered(folder):
-    """{question_id: answer row} from the merged file and every part file. A last line cut off
-    by a kill is ignored: its batch is answered again."""
-    answered = {}
-    for path in [os.path.join(folder, "answers.jsonl")] + answer_parts(folder):
-        if not os.path.exists(path):
+def answer_files(folder):
+    return [path for path in [os.path.join(folder, "answers.jsonl")] + answer_parts(folder) if os.path.exists(path)]
+
+
+def read_answer_rows(path):
+    """The rows of one answer file. A last line cut off by a kill is ignored: its batch is
+    answered again."""
+    rows = []
+    for number, line in enumerate(open(path), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
             continue
-        for line in open(path):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        problem = benchmarks.answer_problem(row) if isinstance(row, dict) else "not a JSON object"
+        if problem:
+            fail(f"{path}:{number}: {problem}")
+        rows.append(row)
+    return rows
+
+
+def read_answered(folder):
+    """{question_id: answer row} from the merged file and every part file."""
+    answered = {}
+    for path in answer_files(folder):
+        for row in read_answer_rows(path):
             answered.setdefault(str(row["question_id"]), row)
     return answered
+
+
+def model_fingerprint(directory):
+    """sha1 of the files that make the model: its config, projector and, when trained, LLM
+    weights (a 7B LLM takes ~10 s to read). Every answer carries it."""
+    digest = hashlib.sha1()
+    files = [vlm.CONFIG_FILE, vlm.PROJECTOR_FILE] + sorted(
+        os.path.relpath(f, directory) for f in glob.glob(os.path.join(directory, "llm", "*.safetensors")))
+    for name in files:
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def answer_identity(args, world):
+    """What makes an answer: the model (directory and weights) and the generation settings
+    (the batches, and so the padding, depend on the batch size and the number of processes)."""
+    return dict(model=os.path.abspath(args.model), fingerprint=model_fingerprint(args.model),
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, processes=world)
+
+
+def check_earlier_outputs(output_dir, identity, overwrite):
+    """Answers and results in output_dir must come from this model with these settings: reusing
+    them would score another model. Refused, or deleted with --overwrite."""
+    def other(rows, key):  # the first identity that is not ours, or None
+        return next((row.get(key) or {} for row in rows if row.get(key) != identity), None)
+
+    found = []
+    results = os.path.join(output_dir, "results.jsonl")
+    if os.path.exists(results):
+        found.append((results, other([json.loads(line) for line in open(results)], "identity")))
+    for folder in sorted(glob.glob(os.path.join(output_dir, "*", ""))):
+        found += [(path, other(read_answer_rows(path), "metadata")) for path in answer_files(folder)]
+    found = [(path, theirs) for path, theirs in found if theirs is not None]
+    if found and not overwrite:
+        path, theirs = found[0]
+        differs = [f"{k} {theirs.get(k)!r}, this run {v!r}" for k, v in identity.items() if theirs.get(k) != v]
+        fail(f"{path} holds answers of another model or setting ({'; '.join(differs)}); "
+             f"use another --output-dir, or --overwrite to delete {len(found)} such file(s)")
+    for path, _ in found:
+        os.remove(path)
+        metrics = os.path.join(os.path.dirname(path), "metrics.json")
+        if path != results and os.path.exists(metrics):
+            os.remove(metrics)
 
 
 def open_for_append(path):
@@ -134,7 +200,7 @@ def batches_to_answer(questions, batch_size, answered):
 
 
 def generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
-                     rank, world, device):
+                     rank, world, device, identity):
     answered = read_answered(folder)
     mine = questions[rank::world]
     todo = batches_to_answer(mine, args.batch_size, answered)
@@ -149,7 +215,7 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
             batch = {k: v.to(device) for k, v in batch.items()}
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
             rows = [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text,
-                         answer_id=f"{model_id}-{mine[i]['question_id']}", model_id=model_id, metadata={})
+                         answer_id=f"{model_id}-{mine[i]['question_id']}", model_id=model_id, metadata=identity)
                     for i, s, text in zip(indices, samples, texts) if str(mine[i]["question_id"]) not in answered]
             f.write("".join(json.dumps(row) + "\n" for row in rows))  # one write per batch
             f.flush()
@@ -162,9 +228,9 @@ def check_images(questions, image_folder, questions_path):
              f"e.g. question {missing[0]['question_id']}: {os.path.join(image_folder, missing[0]['image'])}")
 
 
-def result_row(model, bench, metrics):
+def result_row(model, bench, metrics, identity):
     llm_params = sum(p.numel() for p in model.llm.parameters())
-    return dict(llm=model.config["llm"], params_b=llm_params / 1e9, tokens=model.config["tokens"],
+    return dict(identity=identity, llm=model.config["llm"], params_b=llm_params / 1e9, tokens=model.config["tokens"],
                 compressor=model.config["compressor"], benchmark=bench, metric=metrics["headline"],
                 score=metrics[metrics["headline"]], normalized=metrics["normalized"],
                 per_category=metrics.get("per_category", {}))
@@ -175,8 +241,9 @@ def write_results(output_dir, rows):
     path = os.path.join(output_dir, "results.jsonl")
     old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     redone = {r["benchmark"] for r in rows}
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
+    os.replace(path + ".tmp", path)  # a kill never leaves half a results file
 
 
 # ---------------------------------------------------------------- modes
@@ -195,8 +262,8 @@ def one_off(args, device):
     model, tokenizer, image_processor = vlm.load_pretrained(args.model)
     model.to(device).eval()
     for path in args.image:
-        if not os.path.exists(path):
-            fail(f"image not found: {path}")
+        if not os.path.isfile(path):
+            fail(f"{path} is a directory; --image takes image files" if os.path.isdir(path) else f"image not found: {path}")
     if args.static_query:
         texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens).answer(args.image)
     else:
@@ -220,6 +287,13 @@ def main():
     for name in names:
         if name not in benchmarks.BENCHMARKS:
             fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
+    try:
+        identity = answer_identity(args, world)
+    except OSError as e:
+        fail(f"{args.model} is not a complete 01/02 output directory ({e.strerror}: {e.filename})")
+    if rank == 0:  # one run per output directory at a time, and never another model's answers
+        train.lock_directory(args.output_dir)
+        check_earlier_outputs(args.output_dir, identity, args.overwrite)
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
@@ -236,7 +310,7 @@ def main():
         folder = os.path.join(args.output_dir, bench)
         os.makedirs(folder, exist_ok=True)
         generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
-                         rank, world, device)
+                         rank, world, device, identity)
         if world > 1:
             dist.barrier()
         if rank == 0:
@@ -244,7 +318,7 @@ def main():
             metrics = benchmarks.score(bench, questions, answers)
             with open(os.path.join(folder, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
-            rows.append(result_row(model, bench, metrics))
+            rows.append(result_row(model, bench, metrics, identity))
             print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
         if world > 1:

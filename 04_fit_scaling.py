@@ -46,6 +46,7 @@ PLOTTED_TEXT_LENGTHS = (0, 50)  # the paper's Figure 1a (cached text) and 1b
 SEARCH_POINTS = 11  # per axis: the pattern search's window is the current best +- one step
 SEARCH_TOLERANCE = 1e-7  # stop when the step is this fraction of the grid's: ~2e-10 in alpha
 SEARCH_MAX_STEPS = 200
+BASIS_ELEMENTS = 1 << 22  # N^-alpha V^-beta values held at once: 32 MB, whatever the number of cells
 
 
 class BadInput(Exception):
@@ -123,7 +124,7 @@ class Cells:
 def read_records(path):
     """(line number, row dict) for every data line of a CSV or JSONL file; lines starting with # are comments."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not a column name
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: cannot read the file ({getattr(e, 'strerror', None) or e})")
     lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
@@ -274,14 +275,22 @@ def basis(alpha, beta, logN, logV):
     return np.exp(-(alpha[..., None] * logN + beta[..., None] * logV))
 
 
-def moments(X, W, y):
-    """The weighted sums the SSE needs, for each (alpha, beta) row of X and each weight column of W.
+def moments(alpha, beta, logN, logV, W, y):
+    """The weighted sums the SSE needs, for each (alpha, beta) and each weight column of W (n, B).
 
-    X is (K, n), shared by all weight columns, or (K, B, n), one per column; W is (n, B)."""
+    alpha, beta are (K,), shared by all weight columns, or (K, B), one per column. The sums run
+    over the cells in chunks of at most BASIS_ELEMENTS basis values, so memory stays bounded
+    however many cells there are."""
+    step = max(1, BASIS_ELEMENTS // alpha.size)
+    sums = {}
+    for start in range(0, len(y), step):
+        part = slice(start, start + step)
+        X, w = basis(alpha, beta, logN[part], logV[part]), W[part]
+        dot = (lambda a, v: a @ v) if X.ndim == 2 else (lambda a, v: np.einsum("kbn,nb->kb", a, v))
+        chunk = {"Sx": dot(X, w), "Sxx": dot(X * X, w), "Sxy": dot(X, w * y[part, None])}
+        sums = {k: sums.get(k, 0) + v for k, v in chunk.items()}
     Wy = W * y[:, None]
-    dot = (lambda a, w: a @ w) if X.ndim == 2 else (lambda a, w: np.einsum("kbn,nb->kb", a, w))
-    return {"Sx": dot(X, W), "Sxx": dot(X * X, W), "Sxy": dot(X, Wy),
-            "S": W.sum(0), "Sy": Wy.sum(0), "Syy": (Wy * y[:, None]).sum(0)}
+    return {**sums, "S": W.sum(0), "Sy": Wy.sum(0), "Syy": (Wy * y[:, None]).sum(0)}
 
 
 def quadratic_sse(m, A, D):
@@ -296,7 +305,7 @@ def fit_full_grid(cells, box, alpha_chunk=10):
     best = (np.inf, None)
     for start in range(0, len(alphas), alpha_chunk):
         alpha, beta = (g.ravel() for g in np.meshgrid(alphas[start:start + alpha_chunk], betas, indexing="ij"))
-        m = {k: v[..., None] for k, v in moments(basis(alpha, beta, logN, logV), np.ones((len(y), 1)), y).items()}
+        m = {k: v[..., None] for k, v in moments(alpha, beta, logN, logV, np.ones((len(y), 1)), y).items()}
         sse = quadratic_sse(m, A[:, None], D[None, :])  # (alpha x beta, A, D)
         k, i, j = np.unravel_index(sse.argmin(), sse.shape)
         if sse[k, i, j] < best[0]:
@@ -340,7 +349,7 @@ def fit_continuous(cells, box, W):
     logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
     alphas, betas = axis(box["alpha"]), axis(box["beta"])
     alpha, beta = (g.ravel() for g in np.meshgrid(alphas, betas, indexing="ij"))
-    _, _, sse = solve_amplitude_and_floor(moments(basis(alpha, beta, logN, logV), W, y), box)
+    _, _, sse = solve_amplitude_and_floor(moments(alpha, beta, logN, logV, W, y), box)
     best = sse.argmin(0)
     alpha, beta = alpha[best], beta[best]
 
@@ -354,7 +363,7 @@ def fit_continuous(cells, box, W):
             break
         a = np.clip(alpha[active] + step_alpha[active] * d_alpha, *box["alpha"][:2])
         b = np.clip(beta[active] + step_beta[active] * d_beta, *box["beta"][:2])
-        fits = solve_amplitude_and_floor(moments(basis(a, b, logN, logV), W[:, active], y), box)
+        fits = solve_amplitude_and_floor(moments(a, b, logN, logV, W[:, active], y), box)
         k, rows = fits[2].argmin(0), np.arange(active.size)
         on_border = (np.abs(a[k, rows] - alpha[active]) >= 0.999 * step_alpha[active]) | \
                     (np.abs(b[k, rows] - beta[active]) >= 0.999 * step_beta[active])

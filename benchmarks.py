@@ -367,6 +367,8 @@ def pope_split_metrics(labels_yes, predicted_yes):
 def pope_scorer(questions, predictions):
     """Per split (category); LLaVA's reported POPE number is the mean F1 over the splits.
     A missing answer counts as the wrong label (a false negative or a false positive)."""
+    _require([q["question_id"] for q in questions if q["answers"][0] not in ("yes", "no")],
+             "question(s) whose answer is not yes/no: these are not POPE questions")
     labels, predicted = defaultdict(list), defaultdict(list)
     for question, prediction in zip(questions, predictions):
         label_yes = question["answers"][0] != "no"  # the official label map: "no" -> 0, else 1

@@ -31,18 +31,25 @@ class BadSample(ValueError):
 
 def record_name(path, index, record):
     rid = record.get("id") if isinstance(record, dict) else None
-    return f"{path}: record {index}" + (f" (id {rid})" if rid is not None else "")
+    return f"{path}: record" + (f" {index}" if index is not None else "") + (f" (id {rid})" if rid is not None else "")
 
 
 def read_records(path):
     """A JSON list or JSONL file -> list of records. Malformed JSON names the line."""
     with open(path) as f:
         text = f.read()
-    if text.lstrip().startswith("["):
+    if text.lstrip()[:1] in ("[", "{"):
         try:
-            return json.loads(text)
+            records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BadSample(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            if text.lstrip().startswith("["):
+                raise BadSample(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            records = None  # JSON Lines, read below
+        if isinstance(records, list):
+            return records
+        if isinstance(records, dict) and "conversations" not in records:  # one line of JSONL is one record
+            raise BadSample(f"{path}: a JSON object (keys {', '.join(list(records)[:5])}) where a list of "
+                            "records belongs")
     records = []
     for line_number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -68,6 +75,8 @@ def check_record(record, image_folder):
         if tags:
             raise ValueError(f"'{IMAGE_TOKEN}' in a sample that has no image")
         return
+    if not tags:  # its visual tokens would have no place in the sequence
+        raise ValueError(f"an image but no '{IMAGE_TOKEN}' in the text")
     if not isinstance(record["image"], str):
         raise ValueError("'image' must be one file name (one image per sample)")
     first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
@@ -208,6 +217,8 @@ def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True):
             raise ValueError(f"--max-length {max_length} would cut the image span "
                              f"(it ends at token {ids.index(IMAGE_SLOT) + num_visual_tokens})")
         ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE for label in labels):
+            raise ValueError(f"--max-length {max_length} cuts every answer token: nothing to learn from")
     query_ids = tokenizer(question or "image", add_special_tokens=False)["input_ids"][:max_length]
     return dict(input_ids=ids, labels=labels, query_ids=query_ids)
 
@@ -277,7 +288,10 @@ def collate(samples, pad_id, left=False):
     image (has_image), in batch order, which is the order their IMAGE_SLOT positions appear in.
     Samples from a feature cache give instead features = (patches, multi_level or None),
     stacked the same way: VLM.forward and vlm.generate take it in place of pixel_values."""
-    samples = [s for s in samples if s is not None]
+    # A micro-batch whose every sample was skipped (--skip-bad-samples) still runs, as one pad
+    # token without label or image: FSDP ranks must all run the model alike.
+    samples = [s for s in samples if s is not None] or [
+        dict(input_ids=[pad_id], labels=[IGNORE], query_ids=[pad_id], pixel_values=None)]
     images = [s for s in samples if has_image(s)]
     batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id, left),
                  labels=pad([s["labels"] for s in samples], IGNORE, left),

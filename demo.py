@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+import train
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
 DEFAULT_GRID = ("toy-xs,toy-s,toy-m", "1,4,16,144")
@@ -94,6 +96,23 @@ def parse_args():
     return args
 
 
+# The settings that decide what every run in --out learns (the grid only decides which runs).
+RUN_SETTINGS = ("compressor", "vision", "stage1_steps", "stage2_steps", "num_train", "num_eval")
+
+
+def check_settings(out, args):
+    """A rerun into the same --out must not reuse models trained with other settings."""
+    path = os.path.join(out, "settings.json")
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    if os.path.exists(path):
+        saved = json.load(open(path))
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            sys.exit(f"error: {out} holds runs made with {', '.join(changed)}; use another --out, or delete it")
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
 class StepFailed(Exception):
     pass
 
@@ -128,15 +147,19 @@ def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
               "--feature-cache", os.path.join(out, "cache"), "--compressor", args.compressor, "--num-workers", "0"]
     threads = 1 if args.jobs > 1 else None
 
+    redo = False  # once a step runs, the steps after it, which read its output, run again too
+
     def step(done_when, *script_args, threads):
-        if not os.path.exists(done_when):
+        nonlocal redo
+        if redo or not os.path.exists(done_when):  # what an interrupted earlier attempt left is redone
+            redo = True
             t0 = time.time()
-            run(log, *script_args, threads=threads)
+            run(log, *script_args, "--overwrite", threads=threads)
             seconds[script_args[0]] = round(time.time() - t0, 1)
             with open(seconds_file, "w") as f:
                 json.dump(seconds, f, indent=2)
 
-    step(os.path.join(stage1, "projector.safetensors"),
+    step(os.path.join(stage1, "vlm_config.json"),  # written last: the output is complete
          "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
          "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
          "--max-steps", str(args.stage1_steps), "--standardize-features",
@@ -145,7 +168,7 @@ def train_and_evaluate(args, size, tokens, out, bar, stage1_only=False):
     if stage1_only:
         return
     bar.update()
-    step(os.path.join(stage2, "llm"),
+    step(os.path.join(stage2, "vlm_config.json"),
          "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
          "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
          "--max-steps", str(args.stage2_steps),
@@ -286,7 +309,8 @@ def main():
         return
     started = time.time()
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    train.lock_directory(out)  # one demo at a time in one --out
+    check_settings(out, args)
     log = os.path.join(out, "demo.log")
     data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
     grid = [(size, tokens) for size in args.sizes for tokens in args.tokens]

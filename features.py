@@ -14,7 +14,7 @@ two paths (a symlinked evaluation folder) is encoded once. Writes are atomic
 (temporary file + rename), so concurrent runs may share one cache.
 
     cache = FeatureCache(DIR, model, image_processor)   # model: a vlm.VLM
-    cache.prepare(paths)                   # encode the images not yet in the cache
+    encoded, failed = cache.prepare(paths)  # encode the images not yet in the cache
     patches, multi_level = cache.load(path)  # what VLM.encode_images returns, one image
 """
 import hashlib
@@ -62,7 +62,6 @@ class FeatureCache:
         self.directory = os.path.join(directory, encoder_key(model.vision, image_processor))
         os.makedirs(self.directory, exist_ok=True)
         self._keys = {}  # image path -> image key
-        self.computed = 0  # images encoded by this object (0 on a warm cache)
 
     def file(self, path):
         if path not in self._keys:
@@ -70,14 +69,25 @@ class FeatureCache:
         return os.path.join(self.directory, self._keys[path] + ".safetensors")
 
     def _has(self, file):
-        """A cached file holds every layer this encoder's projectors read."""
+        """A cached file holds every layer this encoder's projectors read. A corrupt one (a disk
+        error, a copy cut short) is named and deleted, so that it is computed again."""
         if not os.path.exists(file):
             return False
-        layers = json.loads(_metadata(file)["layers"])
-        return set(self.layers) <= set(layers)
+        try:
+            with safe_open(file, "pt") as f:
+                layers, shape = json.loads(f.metadata()["layers"]), f.get_slice("hidden").get_shape()
+        except Exception as e:
+            print(f"feature cache: {file} is corrupt ({type(e).__name__}: {e}); computing it again")
+            os.remove(file)
+            return False
+        return set(self.layers) <= set(layers) and len(shape) == 3 and shape[0] == len(layers)
+
+    def cached(self, path):
+        return os.path.exists(self.file(path))
 
     def prepare(self, paths, desc="vision features"):
-        """Encode, in batches, the images whose features are not cached yet."""
+        """Encode, in batches, the images whose features are not cached yet. An image that fails
+        to decode is left out. -> (images encoded, {path: why} for those that failed)."""
         import conversation  # imported here: conversation imports vlm, which this module must not need
         todo, seen = [], set()
         for path in paths:
@@ -88,9 +98,18 @@ class FeatureCache:
         vision = self.model.vision
         device, dtype = next(vision.parameters()).device, next(vision.parameters()).dtype
         vision.eval()
+        failed = {}
         for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
-            chunk = todo[start:start + self.batch_size]
-            pixels = torch.stack([conversation.load_image(p, self.image_processor) for p, _ in chunk])
+            chunk, images = [], []
+            for path, file in todo[start:start + self.batch_size]:
+                try:
+                    images.append(conversation.load_image(path, self.image_processor))
+                    chunk.append((path, file))
+                except Exception as e:  # passed the header check, fails to decode: a truncated file
+                    failed[path] = f"cannot decode {path}: {e}"
+            if not chunk:
+                continue
+            pixels = torch.stack(images)
             with torch.no_grad():
                 states = vision(pixels.to(device, dtype), output_hidden_states=True).hidden_states
             stacked = torch.stack([states[i][:, 1:] for i in self.layers], dim=1).half().cpu()
@@ -98,8 +117,7 @@ class FeatureCache:
                 tmp = f"{file}.{os.getpid()}.tmp"
                 save_file({"hidden": hidden.contiguous()}, tmp, metadata={"layers": json.dumps(self.layers)})
                 os.replace(tmp, file)
-            self.computed += len(chunk)
-        return len(todo)
+        return len(todo) - len(failed), failed
 
     def load(self, path):
         """-> (patches (grid^2, C), multi_level (grid^2, 4C) or None), float32, one image."""
@@ -109,8 +127,3 @@ class FeatureCache:
         patches = layer[self.select]
         multi_level = torch.cat([layer[k] for k in self.keys], dim=-1) if self.keys else None
         return patches, multi_level
-
-
-def _metadata(file):
-    with safe_open(file, "pt") as f:
-        return f.metadata()

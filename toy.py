@@ -85,12 +85,15 @@ def build_llm(name, vocab_size):
         return Qwen2ForCausalLM(config)
 
 
+def vision_config():
+    return CLIPVisionConfig(image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, hidden_size=64,
+                            intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
+
+
 def build_vision():
-    config = CLIPVisionConfig(image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, hidden_size=64,
-                              intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
     with torch.random.fork_rng():
         torch.manual_seed(SEED + 1)
-        return CLIPVisionModel(config)
+        return CLIPVisionModel(vision_config())
 
 
 def build_image_processor():

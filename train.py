@@ -8,12 +8,14 @@ with more than one process the LLM's decoder layers are sharded with FSDP2
 tower and the small projector are replicated.
 """
 import argparse
+import fcntl
 import glob
 import json
 import math
 import os
 import random
 import shutil
+import tempfile
 import time
 import warnings
 
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import conversation
+import quecc
 import vlm
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
@@ -48,7 +51,7 @@ def parse_args(stage):
     p.add_argument("--projector-lr", type=float, help="projector learning rate when it differs (LoRA: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0 = never)")
     p.add_argument("--batch-size", type=int, default=stage["batch_size"], help="global batch, all devices")
     p.add_argument("--micro-batch-size", type=int, default=8, help="per device; the rest is accumulation")
     p.add_argument("--epochs", type=int, default=1)
@@ -66,12 +69,15 @@ def parse_args(stage):
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output directory that holds another run (its outputs are deleted)")
     p.add_argument("--standardize-features", action="store_true",
                    help=f"standardize the vision features per channel, with statistics of the first {STANDARDIZE_IMAGES} training "
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (features.py)")
     args = p.parse_args()
+    check_values(p, args)
     if args.qlora and not args.lora:
         args.lora = 64  # QLoRA's usual rank
     args.train_llm = stage["train_llm"]
@@ -80,6 +86,29 @@ def parse_args(stage):
     if args.standardize_features and args.projector:
         p.error("--standardize-features fits a new projector's statistics; --projector brings its own")
     return args
+
+
+def check_values(p, args):
+    """Refuse a value that would train nonsense, in one line, before any model is built."""
+    positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr"]
+    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora"]
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        if value < 0 or (value == 0 and name in positive):
+            p.error(f"--{name.replace('_', '-')} must be {'positive' if name in positive else '>= 0'}, got {value}")
+    if args.projector_lr is not None and args.projector_lr <= 0:
+        p.error(f"--projector-lr must be positive, got {args.projector_lr}")
+    if not 0 <= args.warmup_ratio <= 1:
+        p.error(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
+    if os.path.isfile(args.output_dir):
+        p.error(f"--output-dir {args.output_dir} is a file")
+    try:  # made now, not after an hour of loading and validating
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        p.error(f"--output-dir {args.output_dir} is not writable ({e.strerror})")
 
 
 # ---------------------------------------------------------------- distributed
@@ -156,7 +185,7 @@ def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*[0-9]")))
 
 
-def save_checkpoint(model, optimizer, step, output_dir, rank):
+def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
     """Sharded (torch.distributed.checkpoint) so FSDP ranks each write their part. Written to
     a temporary directory and renamed: a crash mid-write leaves the previous one intact."""
     final = os.path.join(output_dir, "checkpoints", f"step-{step:07d}")
@@ -173,7 +202,7 @@ def save_checkpoint(model, optimizer, step, output_dir, rank):
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, "settings": settings}, f)
         shutil.rmtree(final, ignore_errors=True)  # a run restarted from scratch overwrites
         os.rename(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
@@ -211,9 +240,81 @@ def load_newest_checkpoint(model, optimizer, output_dir, rank):
     return 0
 
 
+# ---------------------------------------------------------------- the output directory
+
+# What a resume may change: how the run is carried out, not what it computes (the loss does
+# not depend on how a global batch is split; see the README).
+MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
+                        "grad_checkpointing", "image_folder", "feature_cache"}
+_held_locks = []
+
+
+def run_settings(args):
+    """The settings that define a run, stored with each checkpoint and the final output."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+
+
+def lock_directory(directory):
+    """An exclusive lock on DIR/.lock until this process ends (a kill releases it too): a second
+    run into the same directory stops at once instead of interleaving with the first."""
+    os.makedirs(directory, exist_ok=True)
+    handle = open(os.path.join(directory, ".lock"), "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: {directory} is in use by another run (it holds the lock on {handle.name})") from None
+    _held_locks.append(handle)
+
+
+def changed_settings(saved, settings):
+    """-> '--name OLD -> NEW' for each setting that differs (a flag added since counts too)."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
+            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+
+
+def prepare_output_dir(args, rank):
+    """Lock the output directory and make sure one run never mixes with another there:
+    without --resume, a directory holding a run is refused (--overwrite deletes it); with
+    --resume, the stored settings must equal this run's. -> True if the run already finished."""
+    directory = args.output_dir
+    if rank == 0:
+        lock_directory(directory)
+    final_config = os.path.join(directory, vlm.CONFIG_FILE)
+    holds = [name for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE)
+             if os.path.exists(os.path.join(directory, name))]
+    if args.overwrite:
+        if rank == 0:
+            for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE, vlm.PROJECTOR_FILE, "llm", "tokenizer"):
+                path = os.path.join(directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        barrier()
+        return False
+    if holds and not args.resume:
+        raise SystemExit(f"error: {directory} holds another run ({', '.join(holds)}); pass --resume to continue "
+                         "it or --overwrite to delete it and start over")
+    settings = run_settings(args)
+    stored = [os.path.join(d, "trainer_state.json") for d in checkpoint_dirs(directory)] + [final_config]
+    for path in filter(os.path.exists, stored):
+        try:
+            with open(path) as f:
+                saved = json.load(f).get("settings")
+        except (OSError, ValueError):
+            continue  # an unreadable checkpoint is reported, and skipped, when it is loaded
+        changed = changed_settings(saved, settings) if saved is not None else []
+        if changed:
+            raise SystemExit(f"error: --resume would change the run in {directory}: {'; '.join(changed)} "
+                             f"(stored in {path}); use the run's settings, or --overwrite to start over")
+    return os.path.exists(final_config)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def end_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the program
@@ -245,8 +346,27 @@ def build_model(args, device):
                                                          task_type="CAUSAL_LM"))
     if args.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.grad_checkpointing or not args.train_llm:
+        # Stage 1: a micro-batch without an image would otherwise have a loss with no gradient
+        # at all (nothing to backpropagate, and FSDP ranks out of step); checkpointing needs it too.
         model.llm.enable_input_require_grads()
     return model, tokenizer, image_processor
+
+
+def drop_undecodable(records, args, cache, failed, say):
+    """Records whose image passed the header check but could not be decoded into the feature
+    cache: refused by name, or skipped with --skip-bad-samples. failed: {path: why} (rank 0)."""
+    kept = []
+    for record in records:
+        path = os.path.join(args.image_folder, record["image"]) if "image" in record else None
+        if path is None or cache.cached(path):
+            kept.append(record)
+            continue
+        problem = f"{conversation.record_name(args.data, None, record)}: {failed.get(path, f'cannot decode {path}')}"
+        if not args.skip_bad_samples:
+            raise SystemExit(f"error: {problem} (or pass --skip-bad-samples)")
+        say(f"skipping {problem}")
+    return kept
 
 
 STANDARDIZE_IMAGES = 256
@@ -261,7 +381,7 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
         if len(samples) == STANDARDIZE_IMAGES:
             break
         sample = dataset[index]
-        if conversation.has_image(sample):
+        if sample is not None and conversation.has_image(sample):  # None: skipped (--skip-bad-samples)
             samples.append(sample)
     if not samples:
         raise SystemExit(f"error: {dataset.path}: no sample with an image, nothing for --standardize-features to measure")
@@ -288,6 +408,14 @@ def main(stage):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
                          f"x --micro-batch-size {args.micro_batch_size}")
 
+    if prepare_output_dir(args, rank):
+        say(f"{args.output_dir} holds this run, finished; nothing to do")
+        return end_distributed()
+    try:  # a token count the compressor cannot make, refused before the models load
+        quecc.check_token_count(args.tokens, vlm.vision_grid(args.vision), args.compressor)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
     # ---- build
     model, tokenizer, image_processor = build_model(args, device)
     if world > 1:
@@ -310,13 +438,18 @@ def main(stage):
         cache = features.FeatureCache(args.feature_cache, model, image_processor)
         if rank == 0:
             paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]
-            say(f"feature cache {cache.directory}: {cache.prepare(paths)} images encoded")
+            encoded, failed = cache.prepare(paths)
+            say(f"feature cache {cache.directory}: {encoded} images encoded")
         barrier()
+        records = drop_undecodable(records, args, cache, failed if rank == 0 else {}, say)
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache)
     if args.standardize_features:
-        measured = fit_standardization(model, dataset, tokenizer.pad_token_id, device)
+        try:
+            measured = fit_standardization(model, dataset, tokenizer.pad_token_id, device)
+        except conversation.BadSample as e:
+            raise SystemExit(f"error: {e} (or pass --skip-bad-samples)") from None
         say(f"standardized vision features with statistics of {measured} training images")
     batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
     if not batches:
@@ -343,7 +476,6 @@ def main(stage):
         f"({accumulation} x {args.micro_batch_size} per device x {world} devices)")
 
     start = load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
-    os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:  # keep the log in step with the checkpoint we continue from
         kept = []
@@ -372,6 +504,8 @@ def main(stage):
         # depend on how the batch is split; this way it does not. FSDP averages gradients over
         # ranks, hence the factor `world`.
         label_tokens = all_reduce_sum(sum((b["labels"] != vlm.IGNORE).sum().item() for b in micro), device)
+        if not label_tokens:  # every sample skipped: a step of loss 0 would be logged as learning
+            raise SystemExit(f"error: step {step + 1}: no sample of the global batch has an answer token left")
         lr_scale = [lr_at(step, total_steps, warmup, g["base_lr"]) for g in optimizer.param_groups]
         for group, lr in zip(optimizer.param_groups, lr_scale):
             group["lr"] = lr
@@ -409,13 +543,12 @@ def main(stage):
                 f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(model, optimizer, step + 1, args.output_dir, rank)
+            save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, run_settings(args))
 
     # ---- save
     save_final(model, tokenizer, args, rank)
     say(f"saved {args.output_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
 
 
 def training_flops_per_token(llm, llm_trains, sequence_length):
@@ -436,19 +569,23 @@ def to_device(value, device):
 
 
 def clip_gradients(groups, max_norm):
-    """Global gradient norm over all trainable parameters (sharded or not), clipped in place."""
+    """Global gradient norm over all trainable parameters (sharded or not), clipped in place to
+    max_norm (0: never). -> the norm before clipping, as logged."""
     grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
     norms = [torch.nn.utils.get_total_norm([g for g in grads if hasattr(g, "full_tensor") == sharded])
              for sharded in (True, False) if any(hasattr(g, "full_tensor") == sharded for g in grads)]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-    total = torch.stack([n.float().cpu() for n in norms]).norm()
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
-    return total.item()
+    total = torch.stack([n.float().cpu() for n in norms]).norm().item()
+    if max_norm and total > max_norm:
+        for grad in grads:  # a plain float scales sharded (DTensor) and local gradients alike
+            grad.mul_(max_norm / (total + 1e-6))
+    return total
 
 
 def save_final(model, tokenizer, args, rank):
     """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
-    extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question)
+    extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question,
+                 settings=run_settings(args))
     if not args.train_llm:
         if rank == 0:
             vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)

@@ -7,12 +7,14 @@ image samples is one masked scatter.
 """
 import json
 import os
+import shutil
 import tempfile
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig,
+                          CLIPVisionModel)
 
 import toy
 from quecc import Projector, key_layers
@@ -52,6 +54,12 @@ def load_vision(name):
     if name == "toy":
         return toy.build_vision(), toy.build_image_processor()
     return CLIPVisionModel.from_pretrained(name), CLIPImageProcessorPil.from_pretrained(name)
+
+
+def vision_grid(name):
+    """Patches per side of a vision tower, from its config alone (no weights loaded)."""
+    config = toy.vision_config() if name == "toy" else CLIPVisionConfig.from_pretrained(name)
+    return config.image_size // config.patch_size
 
 
 class VLM(nn.Module):
@@ -154,31 +162,52 @@ def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_co
     return VLM(llm, vision, projector, config), tokenizer, image_processor
 
 
+def model_name(name):
+    """The last path component: a hub name and its downloaded directory name one model."""
+    return os.path.basename(os.path.normpath(name))
+
+
 def load_projector(model, directory):
     """Stage 2 starts from the stage-1 projector; refuse one built for another model."""
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         saved = json.load(f)
-    for key in ("tokens", "compressor", "grid", "vision_width", "llm_width"):
-        if saved[key] != model.config[key]:
-            raise ValueError(f"{directory}: projector was trained with {key}={saved[key]}, "
-                             f"this run has {key}={model.config[key]}")
+    for key in ("tokens", "compressor", "grid", "vision_width", "llm_width", "llm", "vision"):
+        ours, theirs = model.config[key], saved[key]
+        if key in ("llm", "vision") and model_name(ours) != model_name(theirs):
+            raise ValueError(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
+        if key not in ("llm", "vision") and ours != theirs:
+            raise ValueError(f"{directory}: projector was trained with {key}={theirs}, "
+                             f"this run has {key}={ours}")
     model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
 
 
 def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=None):
     """The output directory: vlm_config.json, projector.safetensors and, unless only the
     projector was trained, the LLM and tokenizer in Hugging Face format under llm/.
-    llm_state: a full (gathered) state dict when the live LLM is sharded."""
-    os.makedirs(directory, exist_ok=True)
+    llm_state: a full (gathered) state dict when the live LLM is sharded.
+
+    Everything is written to DIR/.saving first and moved into place with vlm_config.json
+    last: a directory with vlm_config.json is complete, and a kill mid-save leaves none."""
+    staging = os.path.join(directory, ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     config = dict(model.config, **(extra_config or {}))
     if save_llm:
-        model.llm.save_pretrained(os.path.join(directory, "llm"), state_dict=llm_state)
+        model.llm.save_pretrained(os.path.join(staging, "llm"), state_dict=llm_state)
         config["llm_dir"] = "llm"
-    tokenizer.save_pretrained(os.path.join(directory, "llm" if save_llm else "tokenizer"))
+    tokenizer.save_pretrained(os.path.join(staging, "llm" if save_llm else "tokenizer"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
-    save_file(state, os.path.join(directory, PROJECTOR_FILE))
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    save_file(state, os.path.join(staging, PROJECTOR_FILE))
+    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
+    if os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        os.remove(os.path.join(directory, CONFIG_FILE))  # an earlier output, incomplete from here on
+    for name in sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE):
+        target = os.path.join(directory, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def load_pretrained(directory, dtype=None):

@@ -122,6 +122,16 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
             assert log.count("02_finetune.py") == 1 and log.count("03_evaluate.py") == 1
             assert resumed[name] == timings[name] > 0
 
+    # a kill during stage 2's final save left its LLM but not the file written last: redone
+    (out / "runs" / "toy-xs-v1" / "stage2" / "vlm_config.json").unlink()
+    run_script(*args)
+    redone = (out / "runs" / "toy-xs-v1" / "log.txt").read_text()
+    assert redone.count("02_finetune.py") == 2 and redone.count("03_evaluate.py") == 2  # new model, new answers
+    assert (out / "runs" / "toy-s-v1" / "log.txt").read_text().count("02_finetune.py") == 1
+    # other settings would reuse models trained with the old ones: refused
+    result = run_script(*[a if a != "4" else "5" for a in args], check=False)
+    assert result.returncode != 0 and "--stage2-steps 4 (now 5)" in result.stderr
+
 
 def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     """Both gains negative is no ordering (not "the paper's"), and a beta pinned at the box's upper

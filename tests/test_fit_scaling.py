@@ -123,7 +123,8 @@ def test_closed_form_matches_bounded_least_squares():
     for _ in range(200):
         x, y, w = rng.uniform(0.3, 1.5, 12), rng.uniform(-0.2, 1.2, 12), rng.integers(0, 4, 12).astype(float)
         w[:2] = 1
-        m = fs.moments(x[None, :], w[:, None], y)
+        # the basis N^-alpha V^-beta is x itself with alpha = 1, beta = 0, log N = -log x
+        m = fs.moments(np.ones(1), np.zeros(1), -np.log(x), np.zeros_like(x), w[:, None], y)
         A, D, sse = (v[0, 0] for v in fs.solve_amplitude_and_floor(m, box))
         sqrt_w = np.sqrt(w)
         ref = lsq_linear(np.stack([x, np.ones_like(x)], 1) * sqrt_w[:, None], y * sqrt_w,

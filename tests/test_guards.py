@@ -1,0 +1,291 @@
+"""Guards against results that are wrong without a sign: each of these once exited 0 with a
+wrong number, mixed two runs, or crashed where a clear message or a skip belongs."""
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import benchmarks
+import conversation
+import train
+import vlm
+from conftest import ROOT, run_script
+
+evaluate = importlib.import_module("03_evaluate")
+
+
+def stage1(toy_data, out, *extra, data=None, check=True):
+    return run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--tokens", "4",
+                      "--data", str(data or toy_data / "pretrain.json"), "--image-folder", str(toy_data / "images"),
+                      "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
+                      "--num-workers", "0", *extra, check=check)
+
+
+def refused(result, *words):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr, (word, result.stderr[-2000:])
+
+
+# ---------------------------------------------------------------- gradient clipping
+
+def test_clipping_scales_the_gradients_and_logs_the_norm_before():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    weight.grad = torch.tensor([3.0, 4.0])
+    groups = [{"params": [weight]}]
+    assert train.clip_gradients(groups, 1.0) == pytest.approx(5.0)
+    assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert train.clip_gradients(groups, 0) == pytest.approx(1.0, rel=1e-5)  # 0: never clipped
+    assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_max_grad_norm_changes_the_trained_weights(toy_data, tmp_path):
+    for norm in ("1e-3", "0"):
+        stage1(toy_data, tmp_path / norm, "--max-grad-norm", norm)
+    clipped, free = (load_file(tmp_path / norm / "projector.safetensors") for norm in ("1e-3", "0"))
+    logs = [[json.loads(line) for line in open(tmp_path / norm / "log.jsonl")] for norm in ("1e-3", "0")]
+    assert logs[0][0]["grad_norm"] == pytest.approx(logs[1][0]["grad_norm"], rel=1e-5)  # logged before clipping
+    assert logs[0][0]["grad_norm"] > 1e-2
+    assert any(not torch.equal(clipped[k], free[k]) for k in free)
+
+
+# ---------------------------------------------------------------- records and samples
+
+def test_image_record_without_image_marker_is_refused_by_id(toy_data, tmp_path):
+    records = json.load(open(toy_data / "finetune.json"))[:6]
+    index = next(i for i, r in enumerate(records) if "image" in r)
+    records[index]["conversations"][0]["value"] = records[index]["conversations"][0]["value"].replace("<image>", "")
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(conversation.BadSample, match=rf"record {index} \(id {records[index]['id']}\): an image but no"):
+        conversation.load_records(path, toy_data / "images")
+    kept = conversation.load_records(path, toy_data / "images", skip_bad=True, log=lambda *a: None)
+    assert len(kept) == 5 and records[index] not in kept
+
+
+def test_json_object_where_a_list_belongs_is_named(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"id": 1}]}, indent=2))
+    with pytest.raises(conversation.BadSample, match="a JSON object .*where a list of records belongs"):
+        conversation.read_records(path)
+    path.write_text(json.dumps({"id": 1, "conversations": []}) + "\n")  # JSON Lines of one record is fine
+    assert conversation.read_records(path) == [{"id": 1, "conversations": []}]
+
+
+def test_a_sample_whose_answers_max_length_cuts_is_refused(tokenizer):
+    turns = [{"from": "human", "value": "What is written in the image? " * 5},
+             {"from": "gpt", "value": "cat"}]
+    assert conversation.tokenize(tokenizer, turns, 4, 200)["labels"].count(vlm.IGNORE) < 200
+    with pytest.raises(ValueError, match="--max-length 20 cuts every answer token"):
+        conversation.tokenize(tokenizer, turns, 4, 20)
+
+
+def truncated_png(toy_data, tmp_path):
+    """A copy of the toy images in which one PNG keeps its header but loses its pixels: it
+    passes the header check and fails to decode."""
+    images = tmp_path / "images"
+    shutil.copytree(toy_data / "images", images)
+    records = [r for r in json.load(open(toy_data / "finetune.json")) if "image" in r][:8]
+    victim = images / records[2]["image"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    return images, records
+
+
+@pytest.mark.parametrize("extra", [[], ["--standardize-features"], ["--feature-cache", "CACHE"]])
+def test_skip_bad_samples_skips_an_image_that_fails_to_decode(toy_data, tmp_path, extra):
+    images, records = truncated_png(toy_data, tmp_path)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    extra = [str(tmp_path / "cache") if e == "CACHE" else e for e in extra]
+    args = ["01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--data", str(path), "--image-folder",
+            str(images), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--num-workers", "0", *extra]
+    refused(run_script(*args, "--output-dir", str(tmp_path / "a"), check=False),
+            f"(id {records[2]['id']})", "--skip-bad-samples")
+    result = run_script(*args, "--output-dir", str(tmp_path / "b"), "--skip-bad-samples")
+    assert f"(id {records[2]['id']})" in result.stdout
+    assert len(open(tmp_path / "b" / "log.jsonl").readlines()) == 2
+
+
+def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
+    records = json.load(open(toy_data / "finetune.json"))
+    mixed = [r for r in records if "image" not in r][:2] + [r for r in records if "image" in r][:2]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(mixed))
+    stage1(toy_data, tmp_path / "out", "--micro-batch-size", "1", data=path)
+    assert len(open(tmp_path / "out" / "log.jsonl").readlines()) == 2
+
+
+# ---------------------------------------------------------------- runs and output directories
+
+def test_an_output_directory_holding_a_run_is_refused_without_resume_or_overwrite(toy_data, tmp_path):
+    stage1(toy_data, tmp_path)
+    refused(stage1(toy_data, tmp_path, check=False), str(tmp_path), "--resume", "--overwrite")
+    stage1(toy_data, tmp_path, "--overwrite", "--max-steps", "3")
+    assert len(open(tmp_path / "log.jsonl").readlines()) == 3
+
+
+def test_resume_refuses_changed_settings_and_allows_the_others(toy_data, tmp_path):
+    stage1(toy_data, tmp_path, "--max-steps", "3", "--save-every", "1")
+    state = json.load(open(train.checkpoint_dirs(tmp_path)[-1] + "/trainer_state.json"))
+    assert state["step"] == 2 and state["settings"]["lr"] == 1e-3
+    refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--lr", "2e-3", check=False),
+            "--lr 0.001 -> 0.002")
+    refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--batch-size", "2",
+                   "--micro-batch-size", "2", check=False), "--batch-size 4 -> 2")
+    done = stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1")
+    assert "finished; nothing to do" in done.stdout
+
+
+def test_a_second_run_into_a_locked_directory_is_refused(toy_data, tmp_path, checkpoint):
+    locker = subprocess.Popen([sys.executable, "-c", "import sys, time, train; train.lock_directory(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        refused(stage1(toy_data, tmp_path, check=False), f"{tmp_path} is in use by another run")
+        refused(run_script("03_evaluate.py", "--model", str(checkpoint), "--bench", "toy_ocr", "--data-root",
+                           str(toy_data / "eval"), "--output-dir", str(tmp_path), check=False),
+                f"{tmp_path} is in use by another run")
+    finally:
+        locker.kill()
+    stage1(toy_data, tmp_path)  # the lock went with the process
+
+
+def test_a_kill_during_the_final_save_leaves_no_output_that_looks_complete(tmp_path, monkeypatch):
+    model, tokenizer, _ = vlm.build("toy-xs", "toy", 4, "quecc")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vlm.save(model, tokenizer, tmp_path, save_llm=True)
+    assert not (tmp_path / "llm").exists() and not (tmp_path / vlm.CONFIG_FILE).exists()
+    monkeypatch.undo()
+    vlm.save(model, tokenizer, tmp_path, save_llm=True)  # a rerun completes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm", "projector.safetensors", "vlm_config.json"]
+
+
+def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
+    model, tokenizer, _ = vlm.build("toy-s", "toy", 4, "quecc")
+    vlm.save(model, tokenizer, tmp_path, save_llm=False)
+    other, _, _ = vlm.build("toy-s", "toy", 4, "quecc")
+    other.config["llm"] = "Qwen/Qwen1.5-0.5B-Chat"
+    with pytest.raises(ValueError, match="trained for --llm toy-s, this run has --llm Qwen/Qwen1.5-0.5B-Chat"):
+        vlm.load_projector(other, tmp_path)
+    other.config = dict(model.config, vision="/models/clip-vit-base-patch16")
+    with pytest.raises(ValueError, match="--vision toy"):
+        vlm.load_projector(other, tmp_path)
+    other.config = dict(model.config, llm="/downloads/toy-s")  # the same model, downloaded: accepted
+    vlm.load_projector(other, tmp_path)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--micro-batch-size", "0", "--micro-batch-size must be positive"),
+    ("--lr", "-0.001", "--lr must be positive"),
+    ("--warmup-ratio", "1.5", "--warmup-ratio must lie in [0, 1]"),
+    ("--max-steps", "-1", "--max-steps must be >= 0"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+])
+def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["01", "--data", "d.json", "--output-dir", str(tmp_path), flag, value])
+    with pytest.raises(SystemExit):
+        train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False))
+    assert words in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_or_not_writable_and_bad_tokens_are_refused(toy_data, tmp_path):
+    (tmp_path / "file").write_text("")
+    refused(stage1(toy_data, tmp_path / "file", check=False), "is a file")
+    refused(stage1(toy_data, tmp_path / "file" / "out", check=False), "is not writable (Not a directory)")
+    result = stage1(toy_data, tmp_path / "t", "--tokens", "5", check=False)
+    refused(result, "valid values: 1, 4, 9, 16, 36, 64, 144, 576")
+    assert "trainable parameters" not in result.stdout  # refused before the models were built
+
+
+# ---------------------------------------------------------------- evaluation
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model, tokenizer, _ = vlm.build("toy-xs", "toy", 4, "quecc")
+    vlm.save(model, tokenizer, out, save_llm=True)
+    return out
+
+
+def evaluate_args(model, toy_data, out, *extra):
+    return ["03_evaluate.py", "--model", str(model), "--bench", "toy_ocr", "--data-root", str(toy_data / "eval"),
+            "--output-dir", str(out), "--max-new-tokens", "2", "--batch-size", "8", *extra]
+
+
+def test_answers_of_another_model_or_setting_are_refused_or_overwritten(toy_data, tmp_path, checkpoint):
+    run_script(*evaluate_args(checkpoint, toy_data, tmp_path))
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    model, tokenizer, _ = vlm.load_pretrained(other)
+    with torch.no_grad():
+        model.projector.to_llm[-1].weight.add_(1.0)
+    vlm.save(model, tokenizer, other, save_llm=True)
+    refused(run_script(*evaluate_args(other, toy_data, tmp_path), check=False), "fingerprint", "--overwrite")
+    refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path, "--max-new-tokens", "3"), check=False),
+            "max_new_tokens 2, this run 3")
+    run_script(*evaluate_args(other, toy_data, tmp_path, "--overwrite"))
+    identity = evaluate.answer_identity(argparse.Namespace(model=str(other), max_new_tokens=2, batch_size=8), world=1)
+    rows = [json.loads(line) for line in open(tmp_path / "toy_ocr" / "answers.jsonl")]
+    assert {json.dumps(r["metadata"]) for r in rows} == {json.dumps(identity)}
+    assert json.loads(open(tmp_path / "results.jsonl").readline())["identity"] == identity
+
+
+def test_evaluation_refuses_bad_values_in_one_line(toy_data, tmp_path, checkpoint):
+    refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path, "--batch-size", "0"), check=False),
+            "--batch-size must be positive")
+    refused(run_script("03_evaluate.py", "--model", str(checkpoint), "--image", str(tmp_path), "--question", "What?",
+                       check=False), f"{tmp_path} is a directory")
+    part = tmp_path / "toy_ocr" / "answers.part-0.jsonl"
+    part.parent.mkdir()
+    part.write_text(json.dumps({"text": "cat"}) + "\n")
+    refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path), check=False),
+            f"{part}:1: question_id missing")
+
+
+def test_pope_scoring_refuses_questions_that_are_not_popes(toy_data):
+    questions = benchmarks.load_questions(toy_data / "eval" / "toy_reasoning" / "questions.jsonl")
+    answers = [{"question_id": q["question_id"], "text": "yes"} for q in questions]
+    with pytest.raises(ValueError, match="not POPE questions"):
+        benchmarks.score("pope", questions, answers)
+
+
+# ---------------------------------------------------------------- the fit
+
+def scores_csv(path, cells, bom=False):
+    rng = np.random.default_rng(0)
+    N, V = rng.uniform(0.3, 10, cells), rng.integers(1, 600, cells)
+    accuracy = 1 - (0.4 * N ** -0.08 * V ** -0.02 + 0.03 + rng.normal(0, 0.005, cells))
+    lines = ["params_b,tokens,benchmark,score"] + [f"{n:.6f},{v},x,{a:.6f}" for n, v, a in zip(N, V, accuracy)]
+    path.write_text("\ufeff" * bom + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    for bom in (False, True):
+        result = run_script("04_fit_scaling.py", "--scores", str(scores_csv(tmp_path / f"{bom}.csv", 40, bom)),
+                            "--output-dir", str(tmp_path / str(bom)), "--bootstrap", "0", "--no-plots")
+    assert json.load(open(tmp_path / "True" / "fit.json"))["alpha"] == json.load(open(tmp_path / "False" / "fit.json"))["alpha"]
+
+
+def test_the_fit_of_many_cells_stays_in_bounded_memory(tmp_path):
+    """20,000 distinct (N, V) cells: 3.2 GB before the sums were taken in chunks, ~0.2 GB now."""
+    path = scores_csv(tmp_path / "many.csv", 20000)
+    peak = run_script("-c", "import resource, subprocess, sys; subprocess.run([sys.executable, '04_fit_scaling.py', "
+                      f"'--scores', {str(path)!r}, '--output-dir', {str(tmp_path)!r}, '--bootstrap', '0', '--no-plots'], "
+                      "check=True, capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    assert int(peak.stdout) < 600_000, f"peak {int(peak.stdout) / 1e6:.2f} GB"  # ru_maxrss is in KB
+    assert (tmp_path / "fit.json").exists()
