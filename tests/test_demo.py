@@ -154,6 +154,13 @@ def test_print_real_lists_the_papers_grid():
         assert {int(re.search(r"--tokens (\d+)", line).group(1)) for line in finetune if llm in line} == \
             {1, 4, 16, 36, 64, 144, 576}
     assert sum("04_fit_scaling.py" in line for line in lines) == 2
+    # as section 3.2 ran it: TokenPacker, stage-2 batch doubled to 256, the fit on nominal sizes
+    pretrain = [line for line in lines if "01_pretrain_projector.py" in line]
+    assert all("--compressor tokenpacker" in line for line in pretrain + finetune) and len(pretrain) == 28
+    assert all(re.search(r"--batch-size 256\b", line) for line in finetune)
+    evaluate = [line for line in lines if "03_evaluate.py" in line]
+    for llm, size in (("0.5b", "0.5"), ("1.8b", "1.8"), ("4b", "4"), ("7b", "7")):
+        assert sum(f"runs/qwen{llm}-v" in line and f"--params-b {size} " in line for line in evaluate) == 7
 
 
 def test_full_conflicts_with_an_explicit_grid():
