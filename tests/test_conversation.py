@@ -291,3 +291,20 @@ def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
                                              toy.build_image_processor(), 4, 512)
     with pytest.raises(conversation.BadSample, match="d.json: record 0 \\(id t1\\)"):
         dataset[0]
+
+
+def test_stage_one_crops_stage_two_pads(tmp_path):
+    """LLaVA-1.5: pretrain.sh resizes and centre-crops, stage 2 pads to square; the feature cache
+    keeps a cropped non-square image apart from its padded self (a square one is the same picture)."""
+    import features
+    processor = toy.build_image_processor()
+    wide = Image.new("RGB", (192, 96), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 48, 96))  # a blue strip the centre crop cuts away
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (96, 96), (0, 255, 0)).save(tmp_path / "square.png")
+    cropped = conversation.load_image(tmp_path / "wide.png", processor, "crop")
+    padded = conversation.load_image(tmp_path / "wide.png", processor, "pad")
+    assert torch.allclose(cropped, processor(images=wide.crop((48, 0, 144, 96)), return_tensors="pt")["pixel_values"][0])
+    assert not torch.allclose(cropped, padded)
+    assert features.image_key(tmp_path / "wide.png", "crop") != features.image_key(tmp_path / "wide.png", "pad")
+    assert features.image_key(tmp_path / "square.png", "crop") == features.image_key(tmp_path / "square.png", "pad")
