@@ -134,6 +134,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
             for bench, score in (("toy_reasoning", 0.3 + (v > 1) * 0.4 + (params > 1e-3) * 0.1),
                                  ("toy_ocr", 0.1 - (v > 1) * 0.03 - (params > 1e-3) * 0.05))]
     fit = dict(alpha=0.03, beta=0.05, A=0.4, D=0.1, r2=0.2, on_edge={"beta": "upper"},
+               grid=dict(A=0.41, alpha=0.0312, beta=0.05, D=0.0667, sse=0.01),
                box={"A": [0.2, 0.7, 50], "alpha": [0, 0.2, 100], "beta": [0, 0.05, 100], "D": [0, 0.3, 10]})
     args = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,
                                  stage2_steps=200, num_train=2000, num_eval=100))
@@ -141,6 +142,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     demo.write_summary(tmp_path, rows, {"reasoning": fit}, baselines, args, 60)
     summary = (tmp_path / "summary.md").read_text()
     assert "set by the box rather than the data: reasoning: beta = 0.05 on the upper edge of [0, 0.05]." in summary
+    assert "Whole-grid optimum (the number to compare with the release's): reasoning alpha 0.0312, beta 0.0500." in summary
     reasoning, ocr = summary.split("**ocr**")
     assert "(+10.0 points)" in reasoning and "(+40.0 points)" in reasoning and "opposite of the paper's" in reasoning
     assert "Neither raises accuracy by a point: no ordering to read." in ocr

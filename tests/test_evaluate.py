@@ -139,6 +139,8 @@ def test_params_b_writes_the_nominal_size(checkpoint, toy_data, uninterrupted, t
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "results.jsonl")]
     assert [r["params_b"] for r in rows] == [0.5, 0.5]
     assert [r["params_counted_b"] for r in rows] == counted and 1e-5 < counted[0] < 1e-3
+    result = evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0", check=False)
+    assert result.returncode == 2 and "--params-b 0.0: must be a positive number of billions" in result.stderr
 
 
 def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer):

@@ -1,5 +1,6 @@
 """Model assembly and the two stages, run as a user runs them."""
 import json
+import math
 
 import pytest
 import torch
@@ -186,3 +187,20 @@ def test_show_samples_renders_what_the_model_sees(toy_data, tmp_path):
     assert shown["text"].startswith("<|im_start|>user\n<image>\n") and shown["text"].count("<image>") == 1
     assert shown["query"] == record["conversations"][0]["value"].replace("<image>", "").strip()
     assert not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_a_tokenizer_without_chat_template_trains_with_vicuna_v1(toy_data, tmp_path):
+    """Vicuna-1.5's tokenizer has no chat template: LLaVA's vicuna_v1 is used, not refused."""
+    llm_dir, vision_dir = toy.save_toy_models(tmp_path / "models")
+    (tmp_path / "models" / "llm" / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = tmp_path / "models" / "llm" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "chat_template"}))
+    assert vlm.load_tokenizer(llm_dir).chat_template is None
+    common = ["--llm", llm_dir, "--vision", vision_dir, "--data", str(toy_data / "finetune.json"), "--image-folder",
+              str(toy_data / "images"), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"]
+    shown = json.loads(run_script("02_finetune.py", *common, "--show-samples", "1").stdout.splitlines()[0])
+    assert shown["text"].startswith(conversation.VICUNA_SYSTEM + " USER: <image>\n")
+    assert all(t.startswith(" ") and t.endswith("<|im_end|>") for t in shown["targets"])  # answer and EOS
+    run_script("02_finetune.py", *common, "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4")
+    assert json.load(open(tmp_path / "out" / "vlm_config.json"))["conv_template"] == "vicuna_v1"
+    assert all(math.isfinite(entry["loss"]) for entry in read_log(tmp_path / "out"))
