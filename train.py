@@ -342,7 +342,8 @@ def main(stage):
         args.conv_template = conv_template(args, tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    model.config.update(conv_template=args.conv_template, image_aspect=args.image_aspect)  # saved with the model
+    # saved with the model (vlm_config.json): 03_evaluate renders and preprocesses as trained
+    model.config.update(conv_template=args.conv_template, image_aspect=args.image_aspect, loss_norm=args.loss_norm)
     say(f"conversation template {args.conv_template}, images {args.image_aspect}")
     if world > 1:
         if args.lora or args.qlora:

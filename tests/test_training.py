@@ -64,7 +64,7 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
     config = json.load(open(s1 / "vlm_config.json"))
     assert config["tokens"] == 4 and config["compressor"] == "quecc" and config["key_layers"] == [3, 4, 6, 6]
     # QueCC keeps the human turn in stage 1 (it needs the question); images cropped as LLaVA's pretrain.sh
-    assert config["conv_template"] == "chat" and config["image_aspect"] == "crop"
+    assert config["conv_template"] == "chat" and config["image_aspect"] == "crop" and config["loss_norm"] == "tokens"
     assert (s1 / "projector.safetensors").exists() and not (s1 / "llm").exists()
     # --standardize-features: the projector holds each channel's mean and std over the training
     # images (all 160 caption images here, under the 256 it reads), computed here directly
@@ -148,6 +148,7 @@ def test_loss_norm_llava_is_the_mean_of_micro_batch_means(toy_data, tmp_path):
                "--image-folder", str(toy_data / "images"), "--output-dir", str(tmp_path), "--max-steps", "1",
                "--batch-size", "8", "--micro-batch-size", "2", "--num-workers", "0", "--loss-norm", "llava")
     logged = read_log(tmp_path)[0]
+    assert json.load(open(tmp_path / "vlm_config.json"))["loss_norm"] == "llava"
     torch.manual_seed(42)  # train.py's default --seed, set before the model is built
     model, tokenizer, processor = vlm.build("toy", "toy", 4, "quecc")
     records = conversation.load_records(toy_data / "pretrain.json", toy_data / "images")
