@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 
@@ -304,7 +305,9 @@ def show_samples(args):
     and QueCC's question (null for text-free compressors)."""
     tokenizer = vlm.load_tokenizer(args.llm)
     template = conv_template(args, tokenizer)
-    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples)
+    # skipped records are reported on stderr: stdout is the JSON lines
+    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples,
+                                        log=lambda message: print(message, file=sys.stderr))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     for index, record in enumerate(records[:args.show_samples]):
         try:
