@@ -1,8 +1,9 @@
 """Stage 1: train the projector (QueCC + MLP) on image-caption pairs, LLM and vision frozen.
 
-LLaVA-1.5 numbers: lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, no weight decay.
-Unlike LLaVA's `plain` template the human turn stays in the sequence, because QueCC
-needs the question as its query (as in the paper's release); only the caption carries loss.
+LLaVA-1.5 numbers: lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, no weight decay;
+images resized and centre-cropped (pretrain.sh). Text-free compressors use LLaVA's `plain`
+template (image, caption); QueCC keeps the human turn, because it needs the question as its
+query (as in the paper's release). Only the caption carries loss.
 
     python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 \\
         --data blip_laion_cc_sbu_558k.json --image-folder images --output-dir runs/stage1

@@ -1,7 +1,8 @@
 """Stage 2: train the projector and the LLM on instruction data, vision frozen.
 
 LLaVA-1.5 numbers: lr 2e-5, global batch 128, 1 epoch, warmup 3%, cosine, no weight decay;
-loss on assistant turns only, in the LLM's own chat template. Start from stage 1's projector.
+loss on assistant turns only, in the LLM's own chat template (LLaVA's vicuna_v1 without one);
+images padded to square. Start from stage 1's projector.
 
     accelerate launch 02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 --projector runs/stage1 \\
         --data llava_v1_5_mix665k.json --image-folder images --output-dir runs/stage2

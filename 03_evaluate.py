@@ -46,10 +46,14 @@ def parse_args():
                    help="one fixed question for many images: its embedding (and prompt cache) computed once")
     p.add_argument("--overwrite", action="store_true",
                    help="delete answers in --output-dir that another model or other settings wrote, and start over")
+    p.add_argument("--params-b", type=float, metavar="B", help="the LLM's nominal size in billions for results.jsonl's "
+                   "params_b, as the paper's fit uses (0.5, 1.8, 4, 7); default: the counted parameters")
     args = p.parse_args()
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.params_b is not None and args.params_b <= 0:
+        p.error(f"--params-b {args.params_b}: must be a positive number of billions")
     if args.score_only:
         if not (args.bench and args.questions and args.answers):
             p.error("--score-only needs --bench, --questions and --answers")
@@ -183,9 +187,9 @@ class Prompts(torch.utils.data.Dataset):
         record = self.questions[index]
         text = benchmarks.build_prompt(self.bench, record)
         sample = conversation.prompt(self.tokenizer, text, self.config["tokens"],
-                                     self.config.get("image_first", True))
+                                     self.config.get("image_first", True), template=self.config.get("conv_template", "chat"))
         sample["pixel_values"] = conversation.load_image(os.path.join(self.image_folder, record["image"]),
-                                                         self.image_processor)
+                                                         self.image_processor, self.config.get("image_aspect", "pad"))
         sample["prompt"] = text
         return sample
 
@@ -228,9 +232,12 @@ def check_images(questions, image_folder, questions_path):
              f"e.g. question {missing[0]['question_id']}: {os.path.join(image_folder, missing[0]['image'])}")
 
 
-def result_row(model, bench, metrics, identity):
-    llm_params = sum(p.numel() for p in model.llm.parameters())
-    return dict(identity=identity, llm=model.config["llm"], params_b=llm_params / 1e9, tokens=model.config["tokens"],
+def result_row(model, bench, metrics, identity, params_b=None):
+    """params_b: the nominal size (--params-b) or, without one, the counted parameters, which
+    params_counted_b always keeps (Qwen1.5-7B-Chat counts 7.72B, the paper calls it 7)."""
+    counted = sum(p.numel() for p in model.llm.parameters()) / 1e9
+    return dict(identity=identity, llm=model.config["llm"], params_b=params_b or counted, params_counted_b=counted,
+                tokens=model.config["tokens"],
                 compressor=model.config["compressor"], benchmark=bench, metric=metrics["headline"],
                 score=metrics[metrics["headline"]], normalized=metrics["normalized"],
                 per_category=metrics.get("per_category", {}))
@@ -318,7 +325,7 @@ def main():
             metrics = benchmarks.score(bench, questions, answers)
             with open(os.path.join(folder, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
-            rows.append(result_row(model, bench, metrics, identity))
+            rows.append(result_row(model, bench, metrics, identity, args.params_b))
             print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
         if world > 1:

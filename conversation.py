@@ -5,11 +5,19 @@ A record (LLaVA-1.5, REFERENCE.md section 2):
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
 
-Tokenization renders the LLM's own chat template and finds each assistant turn
-by rendering the conversation up to that turn, so the label mask is right for
-any template (ChatML, Vicuna, Llama) without per-template code. Stage 1 uses
-the same path: the human turn stays in the sequence (QueCC needs it as its
-query) and only the caption carries loss.
+Three templates (--conv-template), the label spans placed by character offsets:
+  chat       the LLM's own chat template; each assistant turn is found by rendering the
+             conversation up to that turn, so the mask is right for any template (ChatML,
+             Llama, ...) without per-template code
+  vicuna_v1  LLaVA's `conv_vicuna_v1` (llava/conversation.py), for tokenizers without a chat
+             template (Vicuna-1.5, the LLM of the paper's Table 1): system line, " USER: " /
+             " ASSISTANT: " turns, each answer closed by EOS; loss on each answer and its EOS
+             (LLaVA's preprocess_v1)
+  plain      LLaVA-1.5's stage 1 (preprocess_plain): the image, the caption, "\n"; loss on
+             the caption and "\n". Only for compressors that read no question: QueCC's stage 1
+             keeps the human turn (the release pretrains with `v1`)
+Sequences start with BOS when the tokenizer adds one by default (Llama, Vicuna, Mistral; Qwen
+adds none), as LLaVA's tokenizer_image_token does; never two.
 """
 import json
 import os
@@ -23,6 +31,9 @@ from torch.utils.data import Dataset
 from vlm import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+TEMPLATES = ("chat", "vicuna_v1", "plain")
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 class BadSample(ValueError):
@@ -142,12 +153,15 @@ def pad_to_square(image, background):
     return canvas
 
 
-def load_image(source, image_processor):
-    """A file path or a PIL image -> pixel tensor (3, H, W), padded to square with the
-    processor's mean colour."""
+def load_image(source, image_processor, aspect="pad"):
+    """A file path or a PIL image -> pixel tensor (3, H, W). aspect "pad": padded to square with
+    the processor's mean colour (LLaVA-1.5 stage 2, image_aspect_ratio pad); "crop": the
+    processor's own resize of the short side and centre crop (LLaVA-1.5's pretrain.sh)."""
     background = tuple(int(255 * m) for m in image_processor.image_mean)
     with nullcontext(source) if isinstance(source, Image.Image) else Image.open(source) as image:
-        image = pad_to_square(to_rgb(image, background), background)
+        image = to_rgb(image, background)
+        if aspect == "pad":
+            image = pad_to_square(image, background)
     return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
@@ -188,8 +202,58 @@ def assistant_spans(tokenizer, messages):
     return full, spans
 
 
+def choose_template(requested, tokenizer, text_free_stage1=False):
+    """--conv-template: 'auto' is LLaVA-1.5's choice: `plain` for stage 1 of a compressor that
+    reads no question, else the LLM's own chat template, else `vicuna_v1`."""
+    if requested == "chat" and not tokenizer.chat_template:
+        raise ValueError("--conv-template chat: the tokenizer has no chat template; use vicuna_v1 or auto")
+    if requested != "auto":
+        return requested
+    if text_free_stage1:
+        return "plain"
+    return "chat" if tokenizer.chat_template else "vicuna_v1"
+
+
+def render(tokenizer, messages, template, generation=False):
+    """Messages in `template` -> (text, character spans that carry loss). generation=True: the
+    prompt for the next assistant turn, as LLaVA's get_prompt renders it (no spans)."""
+    if template == "chat":
+        if generation:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), []
+        return assistant_spans(tokenizer, messages)
+    if template == "plain":
+        if generation:  # get_prompt's PLAIN style: the first message and its separator
+            return messages[0]["content"] + "\n", []
+        if [m["role"] for m in messages] != ["user", "assistant"] or IMAGE_TOKEN not in messages[0]["content"]:
+            raise ValueError("the plain template (stage 1) takes one human turn with the image and one answer")
+        text = IMAGE_TOKEN + messages[1]["content"] + "\n"  # the question is dropped, as in preprocess_plain
+        return text, [(len(IMAGE_TOKEN), len(text))]
+    if template != "vicuna_v1":
+        raise ValueError(f"unknown conversation template {template!r}; choose from {', '.join(TEMPLATES)}")
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else VICUNA_SYSTEM
+    text, spans = system + " ", []
+    for message in messages:
+        if message["role"] == "user":
+            text += "USER: " + message["content"] + " "
+        elif message["role"] == "assistant":
+            # the span starts at the space after "ASSISTANT:": LLaVA's preprocess_v1 labels the
+            # token holding it (SentencePiece's "▁word"); EOS is LLaVA's sep2 "</s>" on Llama
+            text += "ASSISTANT:"
+            spans.append((len(text), len(text) + 1 + len(message["content"]) + len(tokenizer.eos_token)))
+            text += " " + message["content"] + tokenizer.eos_token
+    return (text + "ASSISTANT:", []) if generation else (text, spans)
+
+
+def leading_bos(tokenizer):
+    """[BOS id] for tokenizers that start every text with BOS by default (Llama, Vicuna,
+    Mistral), [] for the others (Qwen)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def encode_with_image(tokenizer, text, num_visual_tokens):
-    """Tokenize text, expanding the image marker into num_visual_tokens IMAGE_SLOT ids.
+    """Tokenize text, expanding the image marker into num_visual_tokens IMAGE_SLOT ids, with BOS
+    first if the tokenizer adds one (not twice when the template wrote it).
     -> (ids, character offsets of each id)"""
     ids, offsets, position = [], [], 0
     for k, piece in enumerate(text.split(IMAGE_TOKEN)):
@@ -201,14 +265,23 @@ def encode_with_image(tokenizer, text, num_visual_tokens):
         ids += encoded["input_ids"]
         offsets += [(position + a, position + b) for a, b in encoded["offset_mapping"]]
         position += len(piece)
+    bos = leading_bos(tokenizer)
+    if bos and ids[:1] != bos:
+        ids, offsets = bos + ids, [(0, 0)] + offsets
     return ids, offsets
 
 
-def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True):
+def query_ids(tokenizer, question):
+    """QueCC's question, tokenized with the tokenizer's defaults as in the release (Llama: BOS
+    first); text-only samples ask about the word "image"."""
+    return tokenizer(question or "image")["input_ids"]
+
+
+def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True, template="chat"):
     """-> dict(input_ids, labels, query_ids). Only assistant turns carry labels. Truncation
     to max_length never cuts the image span apart: if it would, the sample is refused."""
     messages, question = to_messages(turns, image_first)
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = render(tokenizer, messages, template)
     ids, offsets = encode_with_image(tokenizer, text, num_visual_tokens)
     labels = [token if any(a < end and b > start for start, end in spans) and b > a else IGNORE
               for token, (a, b) in zip(ids, offsets)]
@@ -219,19 +292,17 @@ def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True):
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels):
             raise ValueError(f"--max-length {max_length} cuts every answer token: nothing to learn from")
-    query_ids = tokenizer(question or "image", add_special_tokens=False)["input_ids"][:max_length]
-    return dict(input_ids=ids, labels=labels, query_ids=query_ids)
+    return dict(input_ids=ids, labels=labels, query_ids=query_ids(tokenizer, question)[:max_length])
 
 
-def prompt(tokenizer, question, num_visual_tokens, image_first=True, with_image=True):
+def prompt(tokenizer, question, num_visual_tokens, image_first=True, with_image=True, template="chat"):
     """An inference prompt: one user turn (image + question) and the template's generation
     prompt. -> dict(input_ids, labels, query_ids) like tokenize(), with no label."""
     text = f"{IMAGE_TOKEN}\n{question}" if with_image else question
     messages, query = to_messages([{"from": "human", "value": text}], image_first)
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered, _ = render(tokenizer, messages, template, generation=True)
     ids, _ = encode_with_image(tokenizer, rendered, num_visual_tokens)
-    query_ids = tokenizer(query or "image", add_special_tokens=False)["input_ids"]
-    return dict(input_ids=ids, labels=[IGNORE] * len(ids), query_ids=query_ids)
+    return dict(input_ids=ids, labels=[IGNORE] * len(ids), query_ids=query_ids(tokenizer, query))
 
 
 # ---------------------------------------------------------------- dataset and batches
@@ -242,12 +313,13 @@ class SupervisedDataset(Dataset):
     outputs as "features" = (patches, multi_level) instead of pixel values."""
 
     def __init__(self, records, path, image_folder, tokenizer, image_processor, num_visual_tokens,
-                 max_length, image_first=True, skip_bad=False, feature_cache=None):
+                 max_length, image_first=True, skip_bad=False, feature_cache=None, template="chat", aspect="pad"):
         self.records, self.path, self.image_folder = records, path, image_folder
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
         self.image_first, self.skip_bad = image_first, skip_bad
         self.feature_cache = feature_cache
+        self.template, self.aspect = template, aspect
 
     def __len__(self):
         return len(self.records)
@@ -256,14 +328,14 @@ class SupervisedDataset(Dataset):
         record = self.records[index]
         try:
             sample = tokenize(self.tokenizer, record["conversations"], self.num_visual_tokens,
-                              self.max_length, self.image_first)
+                              self.max_length, self.image_first, self.template)
             sample["pixel_values"] = None
             if "image" in record:
                 image = os.path.join(self.image_folder, record["image"])
                 if self.feature_cache is not None:
                     sample["features"] = self.feature_cache.load(image)
                 else:
-                    sample["pixel_values"] = load_image(image, self.image_processor)
+                    sample["pixel_values"] = load_image(image, self.image_processor, self.aspect)
         except Exception as e:
             if self.skip_bad:  # collate drops it; the loss is normalised by label tokens anyway
                 print(f"skipping {record_name(self.path, index, record)}: {e}")

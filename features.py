@@ -18,10 +18,12 @@ two paths (a symlinked evaluation folder) is encoded once. Writes are atomic
     patches, multi_level = cache.load(path)  # what VLM.encode_images returns, one image
 """
 import hashlib
+import io
 import json
 import os
 
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -45,14 +47,21 @@ def encoder_key(vision, image_processor):
     return _hash_bytes(chunks())
 
 
-def image_key(path):
+def image_key(path, aspect="pad"):
+    """The file's bytes. Cropped (conversation.load_image), a non-square image is another picture
+    and gets its own key; a square one is the same padded or cropped, so stages 1 and 2 share it."""
     with open(path, "rb") as f:
-        return _hash_bytes([f.read()])
+        data = f.read()
+    if aspect == "crop":
+        with Image.open(io.BytesIO(data)) as image:
+            data += b"crop" if image.width != image.height else b""
+    return _hash_bytes([data])
 
 
 class FeatureCache:
-    def __init__(self, directory, model, image_processor, batch_size=64):
+    def __init__(self, directory, model, image_processor, aspect="pad", batch_size=64):
         self.model, self.image_processor, self.batch_size = model, image_processor, batch_size
+        self.aspect = aspect  # conversation.load_image's
         depth = model.vision.config.num_hidden_layers + 1  # hidden_states: embeddings + each layer
         self.select = model.config["select_layer"] % depth
         keys = [k % depth for k in model.config["key_layers"]]
@@ -65,7 +74,7 @@ class FeatureCache:
 
     def file(self, path):
         if path not in self._keys:
-            self._keys[path] = image_key(path)
+            self._keys[path] = image_key(path, self.aspect)
         return os.path.join(self.directory, self._keys[path] + ".safetensors")
 
     def _has(self, file):
@@ -103,7 +112,7 @@ class FeatureCache:
             chunk, images = [], []
             for path, file in todo[start:start + self.batch_size]:
                 try:
-                    images.append(conversation.load_image(path, self.image_processor))
+                    images.append(conversation.load_image(path, self.image_processor, self.aspect))
                     chunk.append((path, file))
                 except Exception as e:  # passed the header check, fails to decode: a truncated file
                     failed[path] = f"cannot decode {path}: {e}"

@@ -2,7 +2,7 @@
 
 Four compressors share one interface, so every experiment differs by one flag:
   quecc        the paper's query-conditioned convolutional cross-attention
-  tokenpacker  the same region attention with text-free, bilinear queries
+  tokenpacker  the same region attention with text-free, bilinear queries (its authors' init)
   pool         average-pool the patch grid to V cells, then the MLP
   mlp          LLaVA-1.5's projector on all patches (no compression)
 Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM. Before
@@ -77,11 +77,8 @@ def split_regions(tokens, grid, side):
 
 
 class RegionAttention(nn.Module):
-    """Shared by QueCC and TokenPacker: query r attends to the patches of region r only.
-
-    Keys and values come from several encoder layers at once, so a single token
-    can carry both low-level detail and high-level semantics.
-    """
+    """Shared by QueCC and TokenPacker: query r attends to the patches of region r only. Keys and
+    values come from several encoder layers: one token carries low-level detail and semantics."""
 
     def __init__(self, tokens, grid, width, num_key_layers, text_width=None):
         super().__init__()
@@ -94,7 +91,7 @@ class RegionAttention(nn.Module):
             self.downsample = nn.Conv2d(width, width, kernel, stride=kernel, groups=width)
             self.query_mlp = feature_mlp(width, width)
         else:
-            self.query_mlp = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width, eps=1e-6))
+            self.query_mlp = nn.Sequential(nn.Linear(width, width, bias=False), nn.LayerNorm(width, eps=1e-6))
         self.key_mlp = feature_mlp(num_key_layers * width, width)
         self.value_mlp = feature_mlp(num_key_layers * width, width)
         self.attention = nn.MultiheadAttention(width, ATTENTION_HEADS, batch_first=True)
@@ -116,14 +113,21 @@ class RegionAttention(nn.Module):
         return out.reshape(b, self.side ** 2, width)
 
 
+def tokenpacker_init(module):
+    """TokenPacker's builder.py: Linear weights truncated normal std 0.02, biases 0 (its query
+    projection has none); LayerNorms weight 1, bias 0, which is torch's init already."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class Standardize(nn.Module):
     """Per-channel (x - mean) / std, statistics measured once on training images, then frozen.
-
     An identity until fit() (train.py --standardize-features). It is for encoders whose features
     share a large picture-independent part: in the random toy tower that part is ~3x the part
     that varies, and the projector, trained with Adam, then learns the small informative
-    directions (an object's shape) slowly or not at all within a toy budget (README).
-    """
+    directions (an object's shape) slowly or not at all within a toy budget (README)."""
 
     def __init__(self, width):
         super().__init__()
@@ -173,6 +177,7 @@ class Projector(nn.Module):
             raise ValueError(f"unknown compressor '{compressor}'; choose from {', '.join(COMPRESSORS)}")
         check_token_count(tokens, grid, compressor)
         self.compressor, self.tokens = compressor, tokens
+        self.needs_question, self.needs_multi_level = compressor == "quecc", compressor in ("quecc", "tokenpacker")
         if compressor == "quecc":
             self.compress = RegionAttention(tokens, grid, vision_width, num_key_layers, text_width=llm_width)
         elif compressor == "tokenpacker":
@@ -184,14 +189,8 @@ class Projector(nn.Module):
         self.to_llm = mlp2x_gelu(vision_width, llm_width)
         self.standardize_patches = Standardize(vision_width)
         self.standardize_multi_level = Standardize(num_key_layers * vision_width)
-
-    @property
-    def needs_question(self):
-        return self.compressor == "quecc"
-
-    @property
-    def needs_multi_level(self):
-        return self.compressor in ("quecc", "tokenpacker")
+        if compressor == "tokenpacker":
+            self.apply(tokenpacker_init)
 
     def forward(self, patches, multi_level=None, question=None):
         patches, multi_level = self.standardize_patches(patches), self.standardize_multi_level(multi_level)

@@ -35,8 +35,9 @@ def plain_answers(model, tokenizer, image_processor, question, images, batch_siz
     for start in range(0, len(images), batch_size):
         samples = []
         for image in images[start:start + batch_size]:
-            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first)
-            sample["pixel_values"] = conversation.load_image(image, image_processor)
+            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first,
+                                         template=model.config.get("conv_template", "chat"))
+            sample["pixel_values"] = conversation.load_image(image, image_processor, model.config.get("image_aspect", "pad"))
             samples.append(sample)
         batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
         answers += vlm.generate(model, tokenizer, {k: v.to(device) for k, v in batch.items()}, max_new_tokens)
@@ -49,7 +50,8 @@ class StaticQuery:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.image_first = model.config.get("image_first", True)
         self.device = next(model.llm.parameters()).device
-        sample = conversation.prompt(tokenizer, question, model.config["tokens"], self.image_first)
+        sample = conversation.prompt(tokenizer, question, model.config["tokens"], self.image_first,
+                                     template=model.config.get("conv_template", "chat"))
         self.input_ids = torch.tensor(sample["input_ids"], device=self.device)
         first_slot = sample["input_ids"].index(IMAGE_SLOT)
 
@@ -78,7 +80,8 @@ class StaticQuery:
         answers = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            pixels = torch.stack([conversation.load_image(image, self.image_processor) for image in chunk]).to(self.device)
+            aspect = self.model.config.get("image_aspect", "pad")
+            pixels = torch.stack([conversation.load_image(image, self.image_processor, aspect) for image in chunk]).to(self.device)
             answers += self._answer_batch(pixels)
         return answers
 

@@ -10,11 +10,13 @@ tower and the small projector are replicated.
 import argparse
 import fcntl
 import glob
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -76,6 +78,18 @@ def parse_args(stage):
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (features.py)")
+    # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in vlm_config.json
+    p.add_argument("--conv-template", default="auto", choices=("auto",) + conversation.TEMPLATES,
+                   help="auto: stage 1 of tokenpacker/pool/mlp uses LLaVA's plain (image, caption); otherwise the "
+                        "LLM's chat template, or LLaVA's vicuna_v1 when it has none (Vicuna-1.5)")
+    p.add_argument("--image-aspect", choices=["crop", "pad"], default="pad" if stage["train_llm"] else "crop",
+                   help="pad to square with the mean colour (LLaVA-1.5 stage 2, the default here) or the "
+                        "processor's resize and centre crop (LLaVA-1.5 stage 1, the default there)")
+    p.add_argument("--loss-norm", default="tokens", choices=["tokens", "llava"],
+                   help="tokens: token losses summed over the global batch / its label tokens; llava: each "
+                        "micro-batch's mean, averaged (HF Trainer, as in the paper's runs)")
+    p.add_argument("--show-samples", type=int, default=0, metavar="N", help="print the first N training records "
+                   "as the model sees them (JSON lines: id, text, targets, query) and exit without training")
     args = p.parse_args()
     check_values(p, args)
     if args.qlora and not args.lora:
@@ -91,7 +105,7 @@ def parse_args(stage):
 def check_values(p, args):
     """Refuse a value that would train nonsense, in one line, before any model is built."""
     positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr"]
-    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora"]
+    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora", "show_samples"]
     for name in positive + non_negative:
         value = getattr(args, name)
         if value < 0 or (value == 0 and name in positive):
@@ -102,6 +116,8 @@ def check_values(p, args):
         p.error(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
+    if args.show_samples:
+        return  # writes nothing
     if os.path.isfile(args.output_dir):
         p.error(f"--output-dir {args.output_dir} is a file")
     try:  # made now, not after an hour of loading and validating
@@ -245,7 +261,7 @@ def load_newest_checkpoint(model, optimizer, output_dir, rank):
 # What a resume may change: how the run is carried out, not what it computes (the loss does
 # not depend on how a global batch is split; see the README).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "grad_checkpointing", "image_folder", "feature_cache"}
+                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
 _held_locks = []
 
 
@@ -398,8 +414,45 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     return len(samples)
 
 
+def conv_template(args, tokenizer):
+    """--conv-template resolved (conversation.choose_template): QueCC is the compressor that reads
+    the question, so stage 1 of any other is text-free."""
+    return conversation.choose_template(args.conv_template, tokenizer,
+                                        text_free_stage1=not args.train_llm and args.compressor != "quecc")
+
+
+def show_samples(args):
+    """--show-samples N: the first N records as the model sees them, one JSON object a line: the
+    whole sequence (special tokens kept, the visual span once as <image>), each loss-carrying span,
+    and QueCC's question (null for text-free compressors)."""
+    tokenizer = vlm.load_tokenizer(args.llm)
+    template = conv_template(args, tokenizer)
+    # skipped records are reported on stderr: stdout is the JSON lines
+    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples,
+                                        log=lambda message: print(message, file=sys.stderr))
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    for index, record in enumerate(records[:args.show_samples]):
+        try:
+            sample = conversation.tokenize(tokenizer, record["conversations"], args.tokens, args.max_length,
+                                           not args.image_after_question, template)
+        except ValueError as e:
+            raise conversation.BadSample(f"{conversation.record_name(args.data, index, record)}: {e}") from None
+        ids, labels = sample["input_ids"], sample["labels"]
+        text = "".join(decode(list(group)) if key else vlm.IMAGE_TOKEN
+                       for key, group in itertools.groupby(ids, lambda i: i != vlm.IMAGE_SLOT))
+        targets = [decode([ids[i] for i, _ in group]) for labelled, group in
+                   itertools.groupby(enumerate(labels), lambda pair: pair[1] != vlm.IGNORE) if labelled]
+        query = decode(sample["query_ids"]) if args.compressor == "quecc" else None
+        print(json.dumps(dict(id=record.get("id"), text=text, targets=targets, query=query)))
+
+
 def main(stage):
     args = parse_args(stage)
+    if args.show_samples:
+        try:
+            return show_samples(args)
+        except (conversation.BadSample, OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -418,6 +471,13 @@ def main(stage):
 
     # ---- build
     model, tokenizer, image_processor = build_model(args, device)
+    try:
+        template = conv_template(args, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    # saved with the model (vlm_config.json): 03_evaluate renders and preprocesses as trained
+    model.config.update(conv_template=template, image_aspect=args.image_aspect, loss_norm=args.loss_norm)
+    say(f"conversation template {template}, images {args.image_aspect}")
     if world > 1:
         if args.lora or args.qlora:
             raise SystemExit("--lora/--qlora are the single-GPU savers; with several processes use FSDP")
@@ -435,7 +495,7 @@ def main(stage):
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         import features
-        cache = features.FeatureCache(args.feature_cache, model, image_processor)
+        cache = features.FeatureCache(args.feature_cache, model, image_processor, args.image_aspect)
         if rank == 0:
             paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]
             encoded, failed = cache.prepare(paths)
@@ -444,7 +504,8 @@ def main(stage):
         records = drop_undecodable(records, args, cache, failed if rank == 0 else {}, say)
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
-        image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache)
+        image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache,
+        template=template, aspect=args.image_aspect)
     if args.standardize_features:
         try:
             measured = fit_standardization(model, dataset, tokenizer.pad_token_id, device)
@@ -515,9 +576,12 @@ def main(stage):
             if world > 1:  # reduce-scatter gradients once per step, not once per micro-batch
                 model.llm.set_requires_gradient_sync(k == accumulation - 1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, _ = model(**batch)
-            (loss * world / max(label_tokens, 1)).backward()
-            loss_sum += loss.item()
+                loss, label_count = model(**batch)
+            # llava: this micro-batch's mean / micro-batches, as HF Trainer (ranks averaged as above)
+            scale = world / max(label_tokens, 1) if args.loss_norm == "tokens" else \
+                1 / (accumulation * max(label_count.item(), 1))
+            (loss * scale).backward()
+            loss_sum += loss.item() * scale / world
             tokens += batch["attention_mask"].sum().item()
             samples += len(batch["input_ids"])
         if world > 1:  # the projector is replicated, not sharded: average its gradients by hand
@@ -530,7 +594,7 @@ def main(stage):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = all_reduce_sum(loss_sum, device) / max(label_tokens, 1)
+        loss_value = all_reduce_sum(loss_sum, device)
         elapsed = time.time() - t0
         tokens_all, samples_all = all_reduce_sum(tokens, device), all_reduce_sum(samples, device)
         entry = dict(step=step + 1, loss=loss_value, lr=lr_scale[-1], grad_norm=grad_norm,

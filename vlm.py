@@ -26,6 +26,17 @@ SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP
 CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
 
 
+def load_tokenizer(name):
+    """A hub name, a local directory, or a toy preset -> tokenizer with a pad token. One without
+    a chat template is fine: conversation.py renders LLaVA's vicuna_v1 for it (Vicuna-1.5)."""
+    if toy.is_toy(name):
+        return toy.build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_llm(name, dtype=None, quantization_config=None):
     """A hub name, a local directory, or a toy preset -> (llm, tokenizer)."""
     if toy.is_toy(name):
@@ -37,11 +48,7 @@ def load_llm(name, dtype=None, quantization_config=None):
         with tempfile.TemporaryDirectory() as directory:
             llm.save_pretrained(directory)
             return AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization_config), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{name}: the tokenizer has no chat template; use a chat/instruct model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name)
     # a 4-bit model is quantized as it loads, straight onto the GPU it will train on
     device_map = {"": torch.cuda.current_device()} if quantization_config and torch.cuda.is_available() else None
     llm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization_config,

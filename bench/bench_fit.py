@@ -93,7 +93,7 @@ def main():
     p.add_argument("--out", default="out/bench_fit.json")
     args = p.parse_args()
 
-    cells, _ = fs.load_cells(fs.PAPER_DATA, None, None)
+    cells, _ = fs.load_cells(fs.PAPER_DATA["reasoning"], None, None)
     points = int(np.prod([b[2] for b in fs.PAPER_BOX.values()]))
     start = time.perf_counter()
     sample = release_grid(seed=0)[:args.sample]

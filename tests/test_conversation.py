@@ -1,10 +1,13 @@
 """Data pipeline: label masks under two chat templates, image slots, truncation, images, bad input."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 import conversation
 import toy
@@ -51,6 +54,114 @@ def test_vicuna_labels_are_exactly_the_assistant_turns(vicuna_tokenizer):
     sample = conversation.tokenize(vicuna_tokenizer, TURNS, num_visual_tokens=4, max_length=512)
     runs = [r.strip() for r in labelled_runs(vicuna_tokenizer, sample)]
     assert runs == ["red</s>", "blue, at the top left</s>"]
+
+
+# ---------------------------------------------------------------- LLaVA's vicuna_v1 and plain, BOS
+
+@pytest.fixture(scope="module")
+def llama_tokenizer():
+    """Llama-style: SentencePiece-like "▁" words (legacy prefix space on every piece), BOS added by
+    default, EOS </s>, no chat template: what Vicuna-1.5's tokenizer looks like to our code."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [conversation.VICUNA_SYSTEM, "\n".join(t["value"] for t in TURNS), "USER: ASSISTANT: a red circle"]
+    tokenizer.train_from_iterator(corpus * 5, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                                 special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def llava_tokenizer_image_token(tokenizer, text):
+    """LLaVA's tokenizer_image_token: each piece around <image> tokenized with the defaults, the
+    BOS of the first piece kept, the image one IMAGE_SLOT id."""
+    pieces = [tokenizer(piece)["input_ids"] for piece in text.split("<image>")]
+    skip = 1 if pieces[0][:1] == [tokenizer.bos_token_id] else 0
+    ids = pieces[0][:skip]
+    for k, piece in enumerate(pieces):
+        ids += ([IMAGE_SLOT] if k else []) + piece[skip:]
+    return ids
+
+
+def llava_preprocess_v1(tokenizer, turns):
+    """LLaVA's get_prompt (vicuna_v1) and preprocess_v1's label arithmetic, written out: each round
+    (split at </s>) masked up to its ' ASSISTANT: ' by token counts; -2 for BOS and the trailing
+    space token, which in the whole text merges into the answer's first token."""
+    text = conversation.VICUNA_SYSTEM + " "
+    for turn in turns:
+        value = turn["value"]
+        if "<image>" in value:
+            value = "<image>\n" + value.replace("<image>", "").strip()
+        text += ("USER: " + value + " ") if turn["from"] == "human" else ("ASSISTANT: " + value + "</s>")
+    ids = llava_tokenizer_image_token(tokenizer, text)
+    labels, cursor = list(ids), 1
+    labels[0] = IGNORE
+    for round_text in text.split("</s>")[:-1]:
+        instruction = round_text.split(" ASSISTANT: ")[0] + " ASSISTANT: "
+        length = len(llava_tokenizer_image_token(tokenizer, round_text))
+        masked = len(llava_tokenizer_image_token(tokenizer, instruction)) - 2
+        labels[cursor:cursor + masked] = [IGNORE] * masked
+        cursor += length
+    return text, ids, labels
+
+
+def test_vicuna_v1_equals_llavas_rendering_and_labels(llama_tokenizer):
+    assert llama_tokenizer.chat_template is None
+    assert conversation.choose_template("auto", llama_tokenizer) == "vicuna_v1"
+    text, ids, labels = llava_preprocess_v1(llama_tokenizer, TURNS)
+    messages, _ = conversation.to_messages(TURNS)
+    assert conversation.render(llama_tokenizer, messages, "vicuna_v1")[0] == text
+    assert text.endswith("questions. USER: <image>\nWhat colour is the circle? ASSISTANT: red</s>"
+                         "USER: And the square? ASSISTANT: blue, at the top left</s>")
+    sample = conversation.tokenize(llama_tokenizer, TURNS, 1, 512, template="vicuna_v1")
+    assert sample["input_ids"] == ids and sample["labels"] == labels
+    assert ids.count(llama_tokenizer.bos_token_id) == 1 and ids[0] == llama_tokenizer.bos_token_id
+    assert labelled_runs(llama_tokenizer, sample) == ["red</s>", "blue, at the top left</s>"]
+    # the image tag at the end of the turn is moved to the front, as LLaVA does
+    moved = [dict(TURNS[0], value="What colour is the circle?\n<image>")] + TURNS[1:]
+    assert conversation.tokenize(llama_tokenizer, moved, 1, 512, template="vicuna_v1") == sample
+    # QueCC's question: the tokenizer's defaults, so BOS first (the release's clip_encoder)
+    assert sample["query_ids"] == llama_tokenizer("What colour is the circle?")["input_ids"]
+    assert sample["query_ids"][0] == llama_tokenizer.bos_token_id
+
+
+def test_vicuna_v1_prompt_is_llavas_get_prompt(llama_tokenizer):
+    sample = conversation.prompt(llama_tokenizer, "What colour is the circle?", 1, template="vicuna_v1")
+    text = conversation.VICUNA_SYSTEM + " USER: <image>\nWhat colour is the circle? ASSISTANT:"
+    assert sample["input_ids"] == llava_tokenizer_image_token(llama_tokenizer, text)
+
+
+def test_plain_template_is_llavas_stage_one(llama_tokenizer, tokenizer):
+    caption = [{"from": "human", "value": "Describe the image briefly.\n<image>"},
+               {"from": "gpt", "value": "a red circle"}]
+    assert conversation.choose_template("auto", llama_tokenizer, text_free_stage1=True) == "plain"
+    sample = conversation.tokenize(llama_tokenizer, caption, 1, 512, template="plain")
+    # preprocess_plain: <image> + caption + "\n", BOS and image masked, the question dropped
+    ids = llava_tokenizer_image_token(llama_tokenizer, "<image>a red circle\n")
+    assert sample["input_ids"] == ids and sample["labels"] == [IGNORE, IGNORE] + ids[2:]
+    assert sample["query_ids"] == llama_tokenizer("Describe the image briefly.")["input_ids"]
+    # a tokenizer without BOS (Qwen) starts at the image
+    qwen = conversation.tokenize(tokenizer, caption, 1, 512, template="plain")
+    assert qwen["input_ids"][0] == IMAGE_SLOT and labelled_runs(tokenizer, qwen) == ["a red circle\n"]
+    with pytest.raises(ValueError, match="plain template"):
+        conversation.tokenize(llama_tokenizer, TURNS, 1, 512, template="plain")
+
+
+def test_a_template_that_writes_bos_gets_one_bos(llama_tokenizer):
+    tokenizer = copy.deepcopy(llama_tokenizer)
+    tokenizer.chat_template = "{{ bos_token }}" + VICUNA_TEMPLATE
+    assert conversation.choose_template("auto", tokenizer) == "chat"
+    sample = conversation.tokenize(tokenizer, TURNS, 4, 512)
+    assert sample["input_ids"].count(tokenizer.bos_token_id) == 1 and sample["input_ids"][0] == tokenizer.bos_token_id
+    with pytest.raises(ValueError, match="no chat template"):
+        conversation.choose_template("chat", llama_tokenizer)
+
+
+def test_qwen_style_tokenizers_get_no_bos(tokenizer):
+    sample = conversation.tokenize(tokenizer, TURNS, 4, 512)
+    assert sample["input_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert sample["query_ids"] == tokenizer("What colour is the circle?", add_special_tokens=False)["input_ids"]
+    assert conversation.choose_template("auto", tokenizer) == "chat"
 
 
 @pytest.mark.parametrize("first", ["<image>\nWhat colour is the circle?", "What colour is the circle?\n<image>"])
@@ -180,3 +291,20 @@ def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
                                              toy.build_image_processor(), 4, 512)
     with pytest.raises(conversation.BadSample, match="d.json: record 0 \\(id t1\\)"):
         dataset[0]
+
+
+def test_stage_one_crops_stage_two_pads(tmp_path):
+    """LLaVA-1.5: pretrain.sh resizes and centre-crops, stage 2 pads to square; the feature cache
+    keeps a cropped non-square image apart from its padded self (a square one is the same picture)."""
+    import features
+    processor = toy.build_image_processor()
+    wide = Image.new("RGB", (192, 96), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 48, 96))  # a blue strip the centre crop cuts away
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (96, 96), (0, 255, 0)).save(tmp_path / "square.png")
+    cropped = conversation.load_image(tmp_path / "wide.png", processor, "crop")
+    padded = conversation.load_image(tmp_path / "wide.png", processor, "pad")
+    assert torch.allclose(cropped, processor(images=wide.crop((48, 0, 144, 96)), return_tensors="pt")["pixel_values"][0])
+    assert not torch.allclose(cropped, padded)
+    assert features.image_key(tmp_path / "wide.png", "crop") != features.image_key(tmp_path / "wide.png", "pad")
+    assert features.image_key(tmp_path / "square.png", "crop") == features.image_key(tmp_path / "square.png", "pad")

@@ -1,7 +1,6 @@
 """The toy world and the demo that runs the scaling study on it."""
 import csv
 import json
-import os
 import re
 from collections import Counter
 
@@ -144,6 +143,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
             for bench, score in (("toy_reasoning", 0.3 + (v > 1) * 0.4 + (params > 1e-3) * 0.1),
                                  ("toy_ocr", 0.1 - (v > 1) * 0.03 - (params > 1e-3) * 0.05))]
     fit = dict(alpha=0.03, beta=0.05, A=0.4, D=0.1, r2=0.2, on_edge={"beta": "upper"},
+               grid=dict(A=0.41, alpha=0.0312, beta=0.05, D=0.0667, sse=0.01),
                box={"A": [0.2, 0.7, 50], "alpha": [0, 0.2, 100], "beta": [0, 0.05, 100], "D": [0, 0.3, 10]})
     args = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,
                                  stage2_steps=200, num_train=2000, num_eval=100))
@@ -151,6 +151,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     demo.write_summary(tmp_path, rows, {"reasoning": fit}, baselines, args, 60)
     summary = (tmp_path / "summary.md").read_text()
     assert "set by the box rather than the data: reasoning: beta = 0.05 on the upper edge of [0, 0.05]." in summary
+    assert "Whole-grid optimum (the number to compare with the release's): reasoning alpha 0.0312, beta 0.0500." in summary
     reasoning, ocr = summary.split("**ocr**")
     assert "(+10.0 points)" in reasoning and "(+40.0 points)" in reasoning and "opposite of the paper's" in reasoning
     assert "Neither raises accuracy by a point: no ordering to read." in ocr
@@ -164,6 +165,13 @@ def test_print_real_lists_the_papers_grid():
         assert {int(re.search(r"--tokens (\d+)", line).group(1)) for line in finetune if llm in line} == \
             {1, 4, 16, 36, 64, 144, 576}
     assert sum("04_fit_scaling.py" in line for line in lines) == 2
+    # as section 3.2 ran it: TokenPacker, stage-2 batch doubled to 256, the fit on nominal sizes
+    pretrain = [line for line in lines if "01_pretrain_projector.py" in line]
+    assert all("--compressor tokenpacker" in line for line in pretrain + finetune) and len(pretrain) == 28
+    assert all(re.search(r"--batch-size 256\b", line) for line in finetune)
+    evaluate = [line for line in lines if "03_evaluate.py" in line]
+    for llm, size in (("0.5b", "0.5"), ("1.8b", "1.8"), ("4b", "4"), ("7b", "7")):
+        assert sum(f"runs/qwen{llm}-v" in line and f"--params-b {size} " in line for line in evaluate) == 7
 
 
 def test_full_conflicts_with_an_explicit_grid():

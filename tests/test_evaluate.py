@@ -1,4 +1,5 @@
 """03_evaluate.py end to end on a briefly trained toy checkpoint."""
+import importlib
 import json
 import os
 import shutil
@@ -128,3 +129,29 @@ def test_missing_image_is_reported_with_counts(checkpoint, toy_data, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"1 of {len(questions)} questions have no image" in result.stderr
     assert f"question {broken['question_id']}" in result.stderr
+
+
+def test_params_b_writes_the_nominal_size(checkpoint, toy_data, uninterrupted, tmp_path):
+    """--params-b: the paper's fit uses nominal sizes (0.5, 1.8, 4, 7); the counted one stays."""
+    shutil.copytree(uninterrupted, tmp_path / "eval")
+    evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0.5")  # answered already: scoring only
+    counted = [json.loads(line)["params_b"] for line in open(uninterrupted / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "results.jsonl")]
+    assert [r["params_b"] for r in rows] == [0.5, 0.5]
+    assert [r["params_counted_b"] for r in rows] == counted and 1e-5 < counted[0] < 1e-3
+    result = evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0", check=False)
+    assert result.returncode == 2 and "--params-b 0.0: must be a positive number of billions" in result.stderr
+
+
+def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer):
+    import conversation
+    import toy
+    evaluate_script = importlib.import_module("03_evaluate")
+    bench = "toy_reasoning"
+    questions = [json.loads(line) for line in open(toy_data / "eval" / bench / "questions.jsonl")]
+    for template, start, end in (("vicuna_v1", conversation.VICUNA_SYSTEM + " USER: ", " ASSISTANT:"),
+                                 ("chat", "<|im_start|>user\n", "<|im_start|>assistant\n")):
+        prompts = evaluate_script.Prompts(bench, questions, toy_data / "images", tokenizer,
+                                          toy.build_image_processor(), dict(tokens=4, conv_template=template))
+        text = tokenizer.decode([i for i in prompts[0]["input_ids"] if i != vlm.IMAGE_SLOT])
+        assert text.startswith(start) and text.endswith(end)

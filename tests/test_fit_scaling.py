@@ -19,7 +19,7 @@ BOX = fs.PAPER_BOX
 
 
 def paper_cells():
-    cells, warnings = fs.load_cells(fs.PAPER_DATA, None, None)
+    cells, warnings = fs.load_cells(fs.PAPER_DATA["reasoning"], None, None)
     assert warnings == []
     return cells
 
@@ -42,13 +42,22 @@ def paper_run(tmp_path_factory):
 # the paper's targets
 
 def test_paper_published_values_shipped_with_source():
-    text = fs.PAPER_DATA.read_text()
+    text = fs.PAPER_DATA["reasoning"].read_text()
     assert "locuslab/llava-token-compression" in text and "2411.03312" in text
     cells = paper_cells()
     assert len(cells.N) == 28
     assert set(cells.N) == {0.5, 1.8, 4, 7} and set(cells.V) == set(fs.VALID_TOKENS.tolist())
     assert 1 - cells.error[(cells.N == 0.5) & (cells.V == 1)][0] == pytest.approx(0.3855)
     assert 1 - cells.error[(cells.N == 7) & (cells.V == 576)][0] == pytest.approx(0.5354)
+
+
+def test_paper_ocr_values_fit_with_tokens_mattering_more(tmp_path):
+    """Fig. 3b: on OCR the trend reverses, alpha < beta. The release's OCR values ship with its slips noted."""
+    text = fs.PAPER_DATA["ocr"].read_text()
+    assert "scaling_law_code/values.py" in text and "0.135895545" in text and "equals 4B at V=576" in text
+    result = fs.main(["--paper", "ocr", "--bootstrap", "0", "--no-plots", "--output-dir", str(tmp_path)])
+    assert result["n_cells"] == 28 and 1 - result["grid"]["D"] > 0
+    assert result["alpha"] < result["beta"] and result["grid"]["alpha"] < result["grid"]["beta"]
 
 
 def test_paper_targets(paper_run):
@@ -58,7 +67,7 @@ def test_paper_targets(paper_run):
     assert result["sse"] <= 3.96e-4
     assert result["D"] == 0 and any("D = 0 sits on the lower edge" in w for w in result["warnings"])
     # REFERENCE.md: the full grid's optimum and the continuous fit inside its box
-    grid = result["grid_optimum"]
+    grid = result["grid"]  # the release-comparable number, fit.json's "grid"
     assert grid["alpha"] == pytest.approx(0.0747, abs=1e-4) and grid["beta"] == pytest.approx(0.0162, abs=1e-4)
     assert grid["A"] == pytest.approx(0.557, abs=1e-3) and grid["D"] == pytest.approx(0.0333, abs=1e-4)
     assert grid["sse"] == pytest.approx(3.963e-4, rel=1e-3)
@@ -68,6 +77,7 @@ def test_paper_targets(paper_run):
     saved = json.loads((out / "fit.json").read_text())
     for key in ("A", "alpha", "beta", "D", "sse", "r2", "alpha_ci", "beta_ci", "ratio_ci", "optimal_v"):
         assert key in saved
+    assert saved["grid"]["alpha"] == pytest.approx(0.0747, abs=1e-4) and {"A", "beta", "D", "sse"} <= set(saved["grid"])
     for name in ("alpha", "beta", "ratio"):
         lo, hi = saved[f"{name}_ci"]
         assert lo <= saved[name] <= hi

@@ -276,8 +276,8 @@ def scores_csv(path, cells, bom=False):
 
 def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
     for bom in (False, True):
-        result = run_script("04_fit_scaling.py", "--scores", str(scores_csv(tmp_path / f"{bom}.csv", 40, bom)),
-                            "--output-dir", str(tmp_path / str(bom)), "--bootstrap", "0", "--no-plots")
+        run_script("04_fit_scaling.py", "--scores", str(scores_csv(tmp_path / f"{bom}.csv", 40, bom)),
+                   "--output-dir", str(tmp_path / str(bom)), "--bootstrap", "0", "--no-plots")
     assert json.load(open(tmp_path / "True" / "fit.json"))["alpha"] == json.load(open(tmp_path / "False" / "fit.json"))["alpha"]
 
 

@@ -67,7 +67,7 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, tmp_path, reference)
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished before the kill
     assert checkpoint.exists()
     result = run_script(*args, "--resume")
     assert "resumed from" in result.stdout
@@ -80,6 +80,7 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, tmp_path, reference)
 def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, tmp_path, reference):
     args = finetune_args(toy_data, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
     run_script(*args)
+    (tmp_path / "vlm_config.json").unlink()  # as if killed after its last checkpoint: not finished
     newest = tmp_path / "checkpoints" / "step-0000004"
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     os.truncate(shard, shard.stat().st_size // 3)

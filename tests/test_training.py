@@ -1,5 +1,6 @@
 """Model assembly and the two stages, run as a user runs them."""
 import json
+import math
 
 import pytest
 import torch
@@ -62,6 +63,8 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
     s1 = tmp_path / "s1"
     config = json.load(open(s1 / "vlm_config.json"))
     assert config["tokens"] == 4 and config["compressor"] == "quecc" and config["key_layers"] == [3, 4, 6, 6]
+    # QueCC keeps the human turn in stage 1 (it needs the question); images cropped as LLaVA's pretrain.sh
+    assert config["conv_template"] == "chat" and config["image_aspect"] == "crop" and config["loss_norm"] == "tokens"
     assert (s1 / "projector.safetensors").exists() and not (s1 / "llm").exists()
     # --standardize-features: the projector holds each channel's mean and std over the training
     # images (all 160 caption images here, under the 256 it reads), computed here directly
@@ -84,7 +87,7 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
     # the output directory loads for inference and reproduces the trained projector
     model, _, _ = vlm.load_pretrained(tmp_path / "s2")
     assert (tmp_path / "s2" / "llm" / "model.safetensors").exists()
-    assert model.config["stage"] == 2
+    assert model.config["stage"] == 2 and model.config["image_aspect"] == "pad"
     assert torch.equal(model.projector.standardize_patches.mean, stats["standardize_patches.mean"])
 
 
@@ -135,3 +138,70 @@ def test_mfu_counts_weight_gradients_only_when_the_llm_trains():
     attention = 12 * 4 * 64 * 100  # layers x width x sequence, toy preset: 4 layers, width 64
     assert train.training_flops_per_token(llm, True, 100) == 6 * n + attention
     assert train.training_flops_per_token(llm, False, 100) == 4 * n + attention
+
+
+def test_loss_norm_llava_is_the_mean_of_micro_batch_means(toy_data, tmp_path):
+    """--loss-norm llava: step 1's loss and gradient norm equal those of the mean over micro-batches
+    of each micro-batch's mean token loss, computed here by hand on the same batches."""
+    import train
+    run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--data", str(toy_data / "pretrain.json"),
+               "--image-folder", str(toy_data / "images"), "--output-dir", str(tmp_path), "--max-steps", "1",
+               "--batch-size", "8", "--micro-batch-size", "2", "--num-workers", "0", "--loss-norm", "llava")
+    logged = read_log(tmp_path)[0]
+    assert json.load(open(tmp_path / "vlm_config.json"))["loss_norm"] == "llava"
+    torch.manual_seed(42)  # train.py's default --seed, set before the model is built
+    model, tokenizer, processor = vlm.build("toy", "toy", 4, "quecc")
+    records = conversation.load_records(toy_data / "pretrain.json", toy_data / "images")
+    dataset = conversation.SupervisedDataset(records, "p", toy_data / "images", tokenizer, processor, 4, 2048,
+                                             template="chat", aspect="crop")
+    batch = train.global_batches(len(records), 8, 42, 1)[0]
+    sums, counts = zip(*(model(**conversation.collate([dataset[i] for i in micro], tokenizer.pad_token_id))
+                         for micro in train.micro_batches([batch], 0, 1, 2)))
+    assert len(set(int(c) for c in counts)) > 1  # micro-batches of different label counts: the two norms differ
+    llava = sum(s / c for s, c in zip(sums, counts)) / len(sums)
+    llava.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.projector.parameters() if p.grad is not None])
+    assert logged["loss"] == pytest.approx(llava.item(), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-4)
+    tokens = sum(sums) / sum(counts)  # --loss-norm tokens, the default
+    assert abs(tokens.item() - llava.item()) > 1e-3 * llava.item()
+
+
+def test_show_samples_renders_what_the_model_sees(toy_data, tmp_path):
+    common = ["--llm", "toy", "--vision", "toy", "--image-folder", str(toy_data / "images"),
+              "--output-dir", str(tmp_path / "out"), "--show-samples", "2"]
+    # stage 1 of a text-free compressor: LLaVA's plain template, no question
+    lines = run_script("01_pretrain_projector.py", *common, "--compressor", "tokenpacker",
+                       "--data", str(toy_data / "pretrain.json")).stdout.splitlines()
+    records = json.load(open(toy_data / "pretrain.json"))
+    shown = [json.loads(line) for line in lines]
+    assert [s["id"] for s in shown] == [r["id"] for r in records[:2]]
+    caption = records[0]["conversations"][1]["value"]
+    assert shown[0] == {"id": records[0]["id"], "text": f"<image>{caption}\n", "targets": [caption + "\n"],
+                        "query": None}
+    # stage 2, QueCC: the chat template, one target per answer, the question as QueCC reads it
+    record = json.load(open(toy_data / "finetune.json"))[0]
+    lines = run_script("02_finetune.py", *common, "--data", str(toy_data / "finetune.json")).stdout.splitlines()
+    shown = json.loads(lines[0])
+    answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    assert shown["targets"] == [a + "<|im_end|>" for a in answers]
+    assert shown["text"].startswith("<|im_start|>user\n<image>\n") and shown["text"].count("<image>") == 1
+    assert shown["query"] == record["conversations"][0]["value"].replace("<image>", "").strip()
+    assert not (tmp_path / "out").exists()  # nothing trained
+
+
+def test_a_tokenizer_without_chat_template_trains_with_vicuna_v1(toy_data, tmp_path):
+    """Vicuna-1.5's tokenizer has no chat template: LLaVA's vicuna_v1 is used, not refused."""
+    llm_dir, vision_dir = toy.save_toy_models(tmp_path / "models")
+    (tmp_path / "models" / "llm" / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = tmp_path / "models" / "llm" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items() if k != "chat_template"}))
+    assert vlm.load_tokenizer(llm_dir).chat_template is None
+    common = ["--llm", llm_dir, "--vision", vision_dir, "--data", str(toy_data / "finetune.json"), "--image-folder",
+              str(toy_data / "images"), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"]
+    shown = json.loads(run_script("02_finetune.py", *common, "--show-samples", "1").stdout.splitlines()[0])
+    assert shown["text"].startswith(conversation.VICUNA_SYSTEM + " USER: <image>\n")
+    assert all(t.startswith(" ") and t.endswith("<|im_end|>") for t in shown["targets"])  # answer and EOS
+    run_script("02_finetune.py", *common, "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4")
+    assert json.load(open(tmp_path / "out" / "vlm_config.json"))["conv_template"] == "vicuna_v1"
+    assert all(math.isfinite(entry["loss"]) for entry in read_log(tmp_path / "out"))
