@@ -8,6 +8,7 @@ image samples is one masked scatter.
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 
 import toy
 from quecc import Projector, key_layers
+
+# VLM.forward asks for hidden states; under FSDP the first (the embedding output) comes back as a
+# view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA's data
 IMAGE_SLOT = -200  # input id of a visual-token position (LLaVA's IMAGE_TOKEN_INDEX)
