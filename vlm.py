@@ -131,9 +131,10 @@ class VLM(nn.Module):
         Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
         visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
         ids = self.prepare(input_ids, query_ids, query_mask, has_image, pixel_values, features)
-        # Through the whole LLM (under FSDP its root unit, embeddings and head, is gathered and
-        # stays so until backward), final hidden states after its last norm, the head on one
-        # position only: the head runs below, on the label positions.
+        # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
+        # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
+        # final hidden states after the last norm, its own head on one position only. The head
+        # runs below, on the label positions.
         hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
                           logits_to_keep=1).hidden_states[-1]
         targets = labels[:, 1:]
