@@ -53,9 +53,9 @@ def relative_differences(model, batch):
     return ((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-9)).item(), grads
 
 
-def build(lora=False):
+def build(lora=False, compressor="quecc"):
     torch.manual_seed(0)
-    model, tokenizer, processor = vlm.build("toy", "toy", 4, "quecc")
+    model, tokenizer, processor = vlm.build("toy", "toy", 4, compressor)
     if lora:
         from peft import LoraConfig, get_peft_model
         model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
@@ -103,25 +103,32 @@ def test_fsdp_two_processes_label_only_equals_full_logits(toy_data, tmp_path):
     out = tmp_path / "differences.json"
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/test_label_loss.py",
                str(toy_data), str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for rank, (loss, grads) in enumerate(json.load(open(out))):
-        assert loss <= 1e-6 and max(grads.values()) <= 1e-6, (rank, loss, grads)
-        assert any("layers.0" in n for n in grads) and any("projector" in n for n in grads)
+    differences = json.load(open(out))
+    assert sorted(differences) == ["pool", "quecc"]
+    for compressor, ranks in differences.items():
+        for rank, (loss, grads) in enumerate(ranks):
+            assert loss <= 1e-6 and max(grads.values()) <= 1e-6, (compressor, rank, loss, grads)
+            assert any("layers.0" in n for n in grads) and any("projector" in n for n in grads)
 
 
 def fsdp_worker(toy_data, out):
     """Each rank its own micro-batch (rank 1: no label at all, the case a rank could skip the
-    backward's collectives in); the LLM sharded as train.py does; several loss chunks."""
+    backward's collectives in); the LLM sharded as train.py does; several loss chunks. With
+    QueCC and with pooling: without QueCC's question pass, nothing has run the whole LLM (and
+    gathered its embeddings and head) before the training forward."""
     import torch.distributed as dist
     import train
     from pathlib import Path
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     vlm.LOGITS_PER_CHUNK = SEVERAL_CHUNKS
-    model, tokenizer, processor = build()
-    train.shard_llm(model, torch.device("cpu"))
-    batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank])
-    differences = [None, None]
-    dist.all_gather_object(differences, relative_differences(model, batch))
+    differences = {}
+    for compressor in ("quecc", "pool"):
+        model, tokenizer, processor = build(compressor=compressor)
+        train.shard_llm(model, torch.device("cpu"))
+        batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank])
+        differences[compressor] = [None, None]
+        dist.all_gather_object(differences[compressor], relative_differences(model, batch))
     if rank == 0:
         json.dump(differences, open(out, "w"))
     dist.destroy_process_group()
