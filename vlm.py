@@ -9,15 +9,21 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig,
                           CLIPVisionModel)
 
 import toy
 from quecc import Projector, key_layers
+
+# VLM.forward asks for hidden states; under FSDP the first (the embedding output) comes back as a
+# view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA's data
 IMAGE_SLOT = -200  # input id of a visual-token position (LLaVA's IMAGE_TOKEN_INDEX)
@@ -124,32 +130,58 @@ class VLM(nn.Module):
         self._pending = (slots, visual) if visual is not None else None
         return input_ids.masked_fill(slots, 0)
 
-    def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
-                pixel_values=None, features=None):
-        """-> (sum of token losses, number of label tokens). The caller divides, so the loss
-        can be normalised over a whole global batch, however it is split."""
+    def prepare(self, input_ids, query_ids, query_mask, has_image, pixel_values=None, features=None):
+        """Question embedding and visual tokens for a batch -> the ids to run the LLM on (hook armed)."""
         question = visual = None
         if self.projector.needs_question:  # every sample, so FSDP ranks run the LLM alike
             question = self.question_embedding(query_ids, query_mask)[has_image]
         if has_image.any():
             visual = self.visual_tokens(pixel_values, question, features)
-        logits = self.llm(input_ids=self.llm_input_ids(input_ids, visual), attention_mask=attention_mask).logits
+        return self.llm_input_ids(input_ids, visual)
+
+    def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
+                pixel_values=None, features=None):
+        """-> (sum of token losses, number of label tokens). The caller divides, so the loss
+        can be normalised over a whole global batch, however it is split.
+        Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
+        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
+        ids = self.prepare(input_ids, query_ids, query_mask, has_image, pixel_values, features)
+        # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
+        # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
+        # final hidden states after the last norm, its own head on one position only. The head
+        # runs below, on the label positions.
+        hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
+                          logits_to_keep=1).hidden_states[-1]
         targets = labels[:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE, reduction="sum")
-        return loss, (targets != IGNORE).sum()
+        at_label = targets != IGNORE  # position t predicts label t + 1
+        loss = label_loss(self.llm.get_output_embeddings(), hidden[:, :-1][at_label], targets[at_label])
+        return loss, at_label.sum()
+
+
+LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by label_loss: 128 MiB in fp32, whatever the vocabulary
+
+
+def label_loss(head, hidden, targets):
+    """Sum of the cross-entropies of head(hidden) (N, vocabulary) against targets (N,), computed
+    in chunks of rows. With more than one chunk, each chunk's logits are freed after its forward
+    and recomputed in backward (checkpoint), so at most one chunk of logits exists at a time.
+    N = 0 still gives a loss in the graph: every FSDP rank runs the same backward."""
+    rows = max(1, LOGITS_PER_CHUNK // head.out_features)
+    chunks = list(zip(hidden.split(rows), targets.split(rows)))
+
+    def chunk_loss(h, t):
+        return nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+    if len(chunks) == 1:
+        return chunk_loss(*chunks[0])
+    return sum(checkpoint(chunk_loss, h, t, use_reentrant=False) for h, t in chunks)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, batch, max_new_tokens=128):
     """Greedy answers (LLaVA-1.5 evaluation: temperature 0, one beam) for a left-padded batch
     from conversation.collate(..., left=True). -> list of strings."""
-    question = visual = None
-    if model.projector.needs_question:
-        question = model.question_embedding(batch["query_ids"], batch["query_mask"])[batch["has_image"]]
-    if batch["has_image"].any():
-        visual = model.visual_tokens(batch.get("pixel_values"), question, batch.get("features"))
-    input_ids = model.llm_input_ids(batch["input_ids"], visual)
+    input_ids = model.prepare(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
+                              batch.get("pixel_values"), batch.get("features"))
     out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
                              num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     return [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
@@ -159,6 +191,11 @@ def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_co
     """Everything from names -> (VLM, tokenizer, image_processor)."""
     llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
     vision, image_processor = load_vision(vision_name)
+    return assemble(llm, vision, tokens, compressor, llm_name, vision_name), tokenizer, image_processor
+
+
+def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
+    """A VLM around models already built (the benches build theirs from configs alone)."""
     vcfg = vision.config
     grid = vcfg.image_size // vcfg.patch_size
     config = dict(llm=llm_name, vision=vision_name, tokens=tokens, compressor=compressor, grid=grid,
@@ -166,7 +203,7 @@ def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_co
                   vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size)
     projector = Projector(compressor, tokens, grid, vcfg.hidden_size, llm.config.hidden_size,
                           len(config["key_layers"]))
-    return VLM(llm, vision, projector, config), tokenizer, image_processor
+    return VLM(llm, vision, projector, config)
 
 
 def model_name(name):

@@ -49,10 +49,12 @@ toy.LLM_SIZES.update(BENCH_PRESETS)  # so vlm.build / vlm.load_llm accept them l
 
 # ---------------------------------------------------------------- shared by the bench scripts
 
-def common_args(description, llm="bench-wide", vision="toy"):
+def common_args(description, llm="bench-wide", vision="toy", models=True):
+    """models=False: a bench that builds its own models takes no --llm/--vision."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--llm", default=llm, help="toy preset (toy, toy-xs/s/m/l, bench-wide), directory or hub name")
-    p.add_argument("--vision", default=vision, help="'toy', directory or hub name")
+    if models:
+        p.add_argument("--llm", default=llm, help="toy preset (toy, toy-xs/s/m/l, bench-wide), directory or hub name")
+        p.add_argument("--vision", default=vision, help="'toy', directory or hub name")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")

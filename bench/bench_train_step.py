@@ -1,0 +1,205 @@
+"""Benchmark: a training step with the loss on every position (LLaVA's way) against the loss on
+the label positions only (VLM.forward), at Qwen1.5-0.5B and CLIP-L/336 shapes.
+
+The models are random-init, built from configs alone (nothing downloaded): Qwen1.5-0.5B's
+shapes (hidden 1024, 24 layers, 16 heads, MLP 2816, vocabulary 151,936, tied embeddings) and
+CLIP-L/336's (24 layers, width 1024, patch 14, 336 px), QueCC between them. A step is what
+train.py does per micro-batch: forward (vision tower included), backward, gradients freed;
+the optimizer step, the same for both losses, is left out. Three settings:
+  stage 1, V = 4:   the projector trains, the LLM is frozen (gradients flow through it)
+  stage 2, V = 4 and V = 576: projector and LLM train
+each with "all" (logits at every position, then the loss: the computation VLM.forward replaced)
+and "labels" (VLM.forward), timed round-robin (a burst of load on a shared machine hits both).
+Synthetic samples, shaped like LLaVA's data rendered with Qwen's chat template: stage 1 a
+28-token prompt around the image and a 16-token caption (BLIP captions are about a dozen
+words); stage 2 112 prompt tokens and 112 answer tokens, so at V = 576 one position in seven
+carries a label. The second sample of a micro-batch is 3/4 as long: padding, as in training.
+Peak memory: on CUDA torch's peak allocation, on CPU the process's peak resident set (Linux
+VmHWM, reset before each step), both including the weights; step_mem_gb is the part above
+what was resident when the step began (it grows with the micro-batch, the weights do not).
+
+    python bench/bench_train_step.py --out out/bench_train_step.json
+"""
+import contextlib
+import ctypes
+import time
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+from bench_prefill import common_args, machine, print_table, setup, swap_projector, sync, write_json
+
+import conversation  # noqa: E402  (bench_prefill put the repository on the path)
+import toy  # noqa: E402
+import train  # noqa: E402
+import vlm  # noqa: E402
+
+QWEN1_5_0_5B = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                    intermediate_size=2816, vocab_size=151936, tie_word_embeddings=True,
+                    max_position_embeddings=32768, rope_theta=1e6, eos_token_id=2, pad_token_id=0)
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  patch_size=14, image_size=336, projection_dim=768)
+# (stage, V): text tokens before the image, after it (question, template), answer tokens (labels)
+SAMPLES = {1: (14, 14, 16), 2: (14, 98, 112)}
+SETTINGS = ((1, 4), (2, 4), (2, 576))
+
+
+def real_shape_models():
+    """-> (llm, vision): random-init Qwen1.5-0.5B and CLIP-L/336 shapes, fixed seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(**QWEN1_5_0_5B)), CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336))
+
+
+def save_real_shape_models(directory):
+    """DIR/llm and DIR/vision laid out like hub checkpoints (the LLM with the toy tokenizer, whose
+    ids all fall inside the real vocabulary), for the scripts that take --llm/--vision DIR."""
+    llm, vision = real_shape_models()
+    llm.save_pretrained(f"{directory}/llm")
+    toy.build_tokenizer().save_pretrained(f"{directory}/llm")
+    vision.save_pretrained(f"{directory}/vision")
+    size = CLIP_L_336["image_size"]
+    processor = toy.build_image_processor()
+    processor.size, processor.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+    processor.save_pretrained(f"{directory}/vision")
+    return f"{directory}/llm", f"{directory}/vision"
+
+
+def all_positions_loss(model, batch):
+    """The computation VLM.forward replaced (LLaVA's, the paper release's): logits at every
+    position, then the loss where labels are. -> (sum of token losses, number of label tokens)."""
+    ids = model.prepare(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
+                        batch.get("pixel_values"), batch.get("features"))
+    logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=vlm.IGNORE, reduction="sum")
+    return loss, (targets != vlm.IGNORE).sum()
+
+
+def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
+    """A right-padded micro-batch (conversation.collate) of random ids in the layout of SAMPLES."""
+    generator = torch.Generator().manual_seed(seed)
+    before, after, answer = SAMPLES[stage]
+    samples = []
+    for i in range(micro_batch):
+        scale = 1 - 0.25 * (i % 2)  # every other sample shorter: padding
+        counts = [round(n * scale) for n in (before, after, answer)]
+        text = torch.randint(3, vocab, (sum(counts),), generator=generator).tolist()
+        ids = text[:counts[0]] + [vlm.IMAGE_SLOT] * tokens + text[counts[0]:]
+        prompt = counts[0] + tokens + counts[1]
+        samples.append(dict(input_ids=ids, labels=[vlm.IGNORE] * prompt + ids[prompt:],
+                            query_ids=text[counts[0]:prompt - tokens],  # the text after the image
+                            pixel_values=torch.randn(3, image_size, image_size, generator=generator)))
+    return conversation.collate(samples, pad_id=0)
+
+
+def memory_gb(device):
+    """-> (now, peak since the last reset): torch's allocation on CUDA, the process's resident set on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 1e9, torch.cuda.max_memory_allocated() / 1e9
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return tuple(int(status[key].split()[0]) * 1024 / 1e9 for key in ("VmRSS", "VmHWM"))
+
+
+@contextlib.contextmanager
+def peak_memory(device, into):
+    """Appends (peak, peak above the start) in GB of the enclosed code to `into`; the peak is
+    reset first. On CPU (Linux, glibc): malloc_trim hands the memory freed by earlier steps back
+    (kept, the next step would reuse it without raising the resident set, and both losses would
+    read the same peak), then writing 5 to /proc/self/clear_refs resets the peak resident set."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    before, _ = memory_gb(device)
+    yield
+    peak = memory_gb(device)[1]
+    into.append((peak, peak - before))
+
+
+def step(model, batch, loss_on, device):
+    """Forward and backward of one micro-batch (train.py's, autocast bf16 on CUDA), gradients freed."""
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+        loss, count = all_positions_loss(model, batch) if loss_on == "all" else model(**batch)
+    (loss / count).backward()
+    model.zero_grad(set_to_none=True)
+    return loss.item() / count.item()
+
+
+def measure(model, stage, tokens, args, rounds):
+    """Both losses on the same micro-batch, round-robin -> two rows."""
+    model.llm.requires_grad_(stage == 2)
+    swap_projector(model, "quecc", tokens).train()
+    batch = synthetic_batch(stage, tokens, args.micro_batch, CLIP_L_336["image_size"], QWEN1_5_0_5B["vocab_size"])
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    seconds, peaks, losses = {"all": [], "labels": []}, {"all": [], "labels": []}, {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for loss_on in seconds:
+            with peak_memory(args.device, peaks[loss_on]):
+                sync(args.device)
+                start = time.perf_counter()
+                losses[loss_on] = step(model, batch, loss_on, args.device)
+                sync(args.device)
+            if r:
+                seconds[loss_on].append(time.perf_counter() - start)
+    label_tokens = (batch["labels"][:, 1:] != vlm.IGNORE).sum().item()
+    rows = []
+    for loss_on in seconds:
+        step_s = sorted(seconds[loss_on])[len(seconds[loss_on]) // 2]  # the upper median: of 2, the slower
+        sequence_tokens = batch["attention_mask"].sum().item()
+        peak, above = max(peaks[loss_on][1:])
+        row = dict(stage=stage, tokens=tokens, loss_on=loss_on, step_s=step_s, peak_mem_gb=peak, step_mem_gb=above,
+                   tokens_per_s=sequence_tokens / step_s, micro_batch=args.micro_batch,
+                   sequence_tokens=sequence_tokens, label_tokens=label_tokens, loss=losses[loss_on])
+        if args.peak_flops:  # the all-position step's FLOPs for both: the ratio of MFUs is the speed-up
+            per_token = train.training_flops_per_token(model.llm, stage == 2, sequence_tokens / args.micro_batch)
+            row["mfu"] = per_token * sequence_tokens / step_s / args.peak_flops
+        rows.append(row)
+    return rows
+
+
+def main():
+    p = common_args(__doc__.split("\n")[0], models=False)
+    p.add_argument("--micro-batch", type=int, default=1,
+                   help="samples per step (every other one 3/4 as long: padding from 2 on)")
+    args = p.parse_args()
+    setup(args)
+    args.peak_flops = next((v for k, v in train.BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()),
+                           None) if args.device.startswith("cuda") else None
+    rounds = args.rounds or (10 if args.device.startswith("cuda") else 2)
+    llm, vision = real_shape_models()
+    model = vlm.assemble(llm, vision, 4, "quecc", "Qwen1.5-0.5B shapes (random)", "CLIP-L/336 shapes (random)")
+    model.to(args.device)
+    info = machine(args)
+    print(f"LLM {sum(p.numel() for p in llm.parameters()) / 1e6:.0f}M parameters, vision "
+          f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M; micro-batch {args.micro_batch}, "
+          f"upper median of {rounds} rounds after one warm-up\n{info}")
+
+    rows = []
+    for stage, tokens in SETTINGS:
+        start = time.time()
+        rows += measure(model, stage, tokens, args, rounds)
+        print(f"stage {stage}, V = {tokens}: {time.time() - start:.0f} s")
+    print_table(["stage", "V", "loss on", "tokens", "labels", "step s", "tokens/s", "peak GB", "of it the step", "loss",
+                 *(["MFU"] if args.peak_flops else [])],
+                [[str(r["stage"]), str(r["tokens"]), r["loss_on"], str(r["sequence_tokens"]), str(r["label_tokens"]),
+                  f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_gb']:.2f}", f"{r['step_mem_gb']:.2f}",
+                  f"{r['loss']:.4f}", *([f"{100 * r['mfu']:.1f}%"] if args.peak_flops else [])] for r in rows])
+    ratios = []
+    for stage, tokens in SETTINGS:
+        both = {r["loss_on"]: r for r in rows if r["stage"] == stage and r["tokens"] == tokens}
+        ratios.append(dict(stage=stage, tokens=tokens, speedup=both["all"]["step_s"] / both["labels"]["step_s"],
+                           memory=both["labels"]["peak_mem_gb"] / both["all"]["peak_mem_gb"],
+                           step_memory=both["labels"]["step_mem_gb"] / both["all"]["step_mem_gb"]))
+        print(f"stage {stage}, V = {tokens}: labels only is {ratios[-1]['speedup']:.2f}x as fast, "
+              f"{ratios[-1]['memory']:.2f}x the peak memory ({ratios[-1]['step_memory']:.2f}x the step's own)")
+    write_json(args.out, dict(benchmark="train_step", machine=info, micro_batch=args.micro_batch, rounds=rounds,
+                              samples={f"stage {s}": dict(zip(("before_image", "after_image", "answer"), SAMPLES[s]))
+                                       for s in SAMPLES}, rows=rows, ratios=ratios))
+
+
+if __name__ == "__main__":
+    main()
