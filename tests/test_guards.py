@@ -122,6 +122,21 @@ def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
     assert len(open(tmp_path / "out" / "log.jsonl").readlines()) == 2
 
 
+def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_path, capsys):
+    import features
+    model, _, processor = vlm.build("toy-xs", "toy", 4, "quecc")
+    cache = features.FeatureCache(tmp_path, model, processor)
+    images = [str(toy_data / "images" / r["image"]) for r in json.load(open(toy_data / "pretrain.json"))[:2]]
+    assert cache.prepare(images) == (2, {})
+    good = cache.load(images[0])
+    corrupt = cache.file(images[0])
+    with open(corrupt, "r+b") as f:
+        f.truncate(100)
+    assert cache.prepare(images) == (1, {})
+    assert f"{corrupt} is corrupt" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(cache.load(images[0]), good))
+
+
 # ---------------------------------------------------------------- runs and output directories
 
 def test_an_output_directory_holding_a_run_is_refused_without_resume_or_overwrite(toy_data, tmp_path):
