@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TEMPLATES = ("chat", "vicuna_v1", "plain")

@@ -23,7 +23,7 @@ from PIL import Image
 
 import conversation
 import vlm
-from vlm import IMAGE_SLOT
+from constants import IMAGE_SLOT
 
 
 def plain_answers(model, tokenizer, image_processor, question, images, batch_size=16, max_new_tokens=128):
@@ -67,7 +67,6 @@ class StaticQuery:
             if not self.image_first and first_slot > 0:
                 self.prefix_length = first_slot
                 prefix = self.input_ids[None, :first_slot]
-                model._pending = None  # the prefix has no image slot: the hook stays idle
                 out = model.llm(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
                                 logits_to_keep=1)
                 self.prefix_cache = out.past_key_values
@@ -90,20 +89,17 @@ class StaticQuery:
         question = None if self.question is None else self.question.expand(b, -1)
         visual = model.visual_tokens(pixels, question)
         ids = self.input_ids.expand(b, -1)
-        rest = model.llm_input_ids(ids[:, self.prefix_length:], visual)  # arms the embedding hook
-        # generate() embeds only the positions the cache does not hold yet: `rest`, whose
-        # slots the hook fills. The prefix ids are there for the length and the positions.
-        input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
         kwargs = {}
         if self.prefix_cache is not None:
             cache = copy.deepcopy(self.prefix_cache)  # generate() appends to it in place
             cache.batch_repeat_interleave(b)
             kwargs["past_key_values"] = cache
-        try:
+        # generate() embeds only the positions the cache does not hold yet: `rest`, whose
+        # slots the hook fills. The prefix ids are there for the length and the positions.
+        with model.armed(ids[:, self.prefix_length:], visual) as rest:
+            input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
             out = model.llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        finally:
-            model._pending = None  # never leave a one-shot hook armed after a failure
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:],
                                                                skip_special_tokens=True)]

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+import constants
 import conversation
 import quecc
 import vlm
@@ -438,10 +439,10 @@ def show_samples(args):
         except ValueError as e:
             raise conversation.BadSample(f"{conversation.record_name(args.data, index, record)}: {e}") from None
         ids, labels = sample["input_ids"], sample["labels"]
-        text = "".join(decode(list(group)) if key else vlm.IMAGE_TOKEN
-                       for key, group in itertools.groupby(ids, lambda i: i != vlm.IMAGE_SLOT))
+        text = "".join(decode(list(group)) if key else constants.IMAGE_TOKEN
+                       for key, group in itertools.groupby(ids, lambda i: i != constants.IMAGE_SLOT))
         targets = [decode([ids[i] for i, _ in group]) for labelled, group in
-                   itertools.groupby(enumerate(labels), lambda pair: pair[1] != vlm.IGNORE) if labelled]
+                   itertools.groupby(enumerate(labels), lambda pair: pair[1] != constants.IGNORE) if labelled]
         query = decode(sample["query_ids"]) if args.compressor == "quecc" else None
         print(json.dumps(dict(id=record.get("id"), text=text, targets=targets, query=query)))
 
@@ -564,7 +565,7 @@ def main(stage):
         # all ranks). Each micro-batch's mean would weight short answers up and make the result
         # depend on how the batch is split; this way it does not. FSDP averages gradients over
         # ranks, hence the factor `world`.
-        label_tokens = all_reduce_sum(sum((b["labels"] != vlm.IGNORE).sum().item() for b in micro), device)
+        label_tokens = all_reduce_sum(sum((b["labels"] != constants.IGNORE).sum().item() for b in micro), device)
         if not label_tokens:  # every sample skipped: a step of loss 0 would be logged as learning
             raise SystemExit(f"error: step {step + 1}: no sample of the global batch has an answer token left")
         lr_scale = [lr_at(step, total_steps, warmup, g["base_lr"]) for g in optimizer.param_groups]

@@ -41,7 +41,8 @@ def stage_calls(model, tokenizer, pixels, question):
 
     def prefill():
         with torch.no_grad():
-            model.llm(input_ids=model.llm_input_ids(ids, visual), attention_mask=mask, logits_to_keep=1)
+            with model.armed(ids, visual) as armed_ids:
+                model.llm(input_ids=armed_ids, attention_mask=mask, logits_to_keep=1)
 
     projector = model.projector  # the model's projector is swapped for the next compressor later
 

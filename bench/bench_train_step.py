@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2Fo
 
 from bench_prefill import common_args, machine, print_table, setup, swap_projector, sync, write_json
 
+import constants  # noqa: E402
 import conversation  # noqa: E402  (bench_prefill put the repository on the path)
 import toy  # noqa: E402
 import train  # noqa: E402
@@ -68,13 +69,13 @@ def save_real_shape_models(directory):
 def all_positions_loss(model, batch):
     """The computation VLM.forward replaced (LLaVA's, the paper release's): logits at every
     position, then the loss where labels are. -> (sum of token losses, number of label tokens)."""
-    ids = model.prepare(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
-                        batch.get("pixel_values"), batch.get("features"))
-    logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
+                      batch.get("pixel_values"), batch.get("features")) as ids:
+        logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                             ignore_index=vlm.IGNORE, reduction="sum")
-    return loss, (targets != vlm.IGNORE).sum()
+                                             ignore_index=constants.IGNORE, reduction="sum")
+    return loss, (targets != constants.IGNORE).sum()
 
 
 def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
@@ -86,9 +87,9 @@ def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
         scale = 1 - 0.25 * (i % 2)  # every other sample shorter: padding
         counts = [round(n * scale) for n in (before, after, answer)]
         text = torch.randint(3, vocab, (sum(counts),), generator=generator).tolist()
-        ids = text[:counts[0]] + [vlm.IMAGE_SLOT] * tokens + text[counts[0]:]
+        ids = text[:counts[0]] + [constants.IMAGE_SLOT] * tokens + text[counts[0]:]
         prompt = counts[0] + tokens + counts[1]
-        samples.append(dict(input_ids=ids, labels=[vlm.IGNORE] * prompt + ids[prompt:],
+        samples.append(dict(input_ids=ids, labels=[constants.IGNORE] * prompt + ids[prompt:],
                             query_ids=text[counts[0]:prompt - tokens],  # the text after the image
                             pixel_values=torch.randn(3, image_size, image_size, generator=generator)))
     return conversation.collate(samples, pad_id=0)
@@ -145,7 +146,7 @@ def measure(model, stage, tokens, args, rounds):
                 sync(args.device)
             if r:
                 seconds[loss_on].append(time.perf_counter() - start)
-    label_tokens = (batch["labels"][:, 1:] != vlm.IGNORE).sum().item()
+    label_tokens = (batch["labels"][:, 1:] != constants.IGNORE).sum().item()
     rows = []
     for loss_on in seconds:
         step_s = sorted(seconds[loss_on])[len(seconds[loss_on]) // 2]  # the upper median: of 2, the slower

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import conversation
 import toy
-from vlm import IGNORE, IMAGE_SLOT
+from constants import IGNORE, IMAGE_SLOT
 
 VICUNA_TEMPLATE = (
     "{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import constants
 import benchmarks
 import conversation
 import train
@@ -82,7 +83,7 @@ def test_json_object_where_a_list_belongs_is_named(tmp_path):
 def test_a_sample_whose_answers_max_length_cuts_is_refused(tokenizer):
     turns = [{"from": "human", "value": "What is written in the image? " * 5},
              {"from": "gpt", "value": "cat"}]
-    assert conversation.tokenize(tokenizer, turns, 4, 200)["labels"].count(vlm.IGNORE) < 200
+    assert conversation.tokenize(tokenizer, turns, 4, 200)["labels"].count(constants.IGNORE) < 200
     with pytest.raises(ValueError, match="--max-length 20 cuts every answer token"):
         conversation.tokenize(tokenizer, turns, 4, 20)
 
