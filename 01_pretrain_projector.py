@@ -4,10 +4,15 @@ LLaVA-1.5 numbers: lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, no wei
 Unlike LLaVA's `plain` template the human turn stays in the sequence, because QueCC
 needs the question as its query (as in the paper's release); only the caption carries loss.
 
-    python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 \\
-        --data blip_laion_cc_sbu_558k.json --image-folder images --output-dir runs/stage1
+    python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4
+
+reads data/LLaVA-Pretrain/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage1.
 """
 import train
 
 if __name__ == "__main__":
-    train.main(dict(name="stage 1", description=__doc__, lr=1e-3, batch_size=256, train_llm=False))
+    train.main(dict(name="stage 1", description=__doc__, lr=1e-3, batch_size=256, train_llm=False,
+                    output="stage1", data="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+                    image_folder="data/LLaVA-Pretrain/images",
+                    source="stage 1 trains on LLaVA-558K: blip_laion_cc_sbu_558k.json and images.zip from "
+                           "huggingface.co/datasets/liuhaotian/LLaVA-Pretrain, unzipped into data/LLaVA-Pretrain/images"))

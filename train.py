@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import time
 import warnings
@@ -31,19 +32,21 @@ import conversation
 import vlm
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
+VISION = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's tower
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def parse_args(stage):
     p = argparse.ArgumentParser(description=stage["description"])
     p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
-    p.add_argument("--vision", default="openai/clip-vit-large-patch14-336", help="hub name, directory, or toy")
+    p.add_argument("--vision", default=VISION, help="hub name, directory, or toy")
     p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
     p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
-    p.add_argument("--data", required=True, help="LLaVA-format JSON or JSONL")
-    p.add_argument("--image-folder", default=".")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--projector", help="output directory of stage 1 to start the projector from")
+    p.add_argument("--data", default=stage["data"], help="LLaVA-format JSON or JSONL")
+    p.add_argument("--image-folder", default=stage["image_folder"])
+    p.add_argument("--output-dir", help=f"default runs/LLM-COMPRESSOR-vTOKENS/{stage['output']} (LLM: the last part of --llm)")
+    p.add_argument("--projector", help="output directory of stage 1 to start the projector from (stage 2's "
+                   "default: the stage1 folder next to --output-dir); 'none': a fresh projector")
     p.add_argument("--lr", type=float, default=stage["lr"])
     p.add_argument("--projector-lr", type=float, help="projector learning rate when it differs (LoRA: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -75,11 +78,35 @@ def parse_args(stage):
     if args.qlora and not args.lora:
         args.lora = 64  # QLoRA's usual rank
     args.train_llm = stage["train_llm"]
+    fill_defaults(args, stage)
     if args.lora and not args.train_llm:
         p.error("--lora/--qlora train the LLM; stage 1 trains the projector only")
     if args.standardize_features and args.projector:
         p.error("--standardize-features fits a new projector's statistics; --projector brings its own")
     return args
+
+
+def fill_defaults(args, stage):
+    """The command as typed (`02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4`) runs on LLaVA's
+    layout under data/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage2, starting from
+    the stage1 folder next to it. Missing data or a missing stage 1 stop here, before a model loads."""
+    run = os.path.join("runs", f"{os.path.basename(os.path.normpath(args.llm))}-{args.compressor}-v{args.tokens}")
+    args.output_dir = args.output_dir or os.path.join(run, stage["output"])
+    for path, kind in ((args.data, "data file"), (args.image_folder, "image folder")):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (README 'Data')")
+    if args.train_llm and args.projector is None:
+        stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
+        if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
+            command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
+            command += ["--vision", args.vision] if args.vision != VISION else []
+            command += ["--compressor", args.compressor] if args.compressor != "quecc" else []
+            command += ["--output-dir", stage1] if stage1 != os.path.join(run, "stage1") else []
+            raise SystemExit(f"error: no stage-1 projector in {stage1}; run stage 1 first: {shlex.join(command)} "
+                             "(or --projector DIR; --projector none starts from a fresh projector)")
+        args.projector = stage1
+    if args.projector == "none":
+        args.projector = None
 
 
 # ---------------------------------------------------------------- distributed
