@@ -54,7 +54,8 @@ def read_records(path):
 
 
 def check_record(record, image_folder):
-    """Raise ValueError saying what is wrong with one record; cheap (image headers only)."""
+    """Raise ValueError saying what is wrong with one record; cheap (image headers only).
+    image_folder None: the structure only (the caller checks images itself, once per file)."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError("no 'conversations' list")
     turns = record["conversations"]
@@ -73,10 +74,16 @@ def check_record(record, image_folder):
     first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
     if first_human is None or any(i != first_human for i in tags) or turns[first_human]["value"].count(IMAGE_TOKEN) > 1:
         raise ValueError(f"'{IMAGE_TOKEN}' must appear once, in the first human turn")
-    path = os.path.join(image_folder, record["image"])
+    if image_folder is not None:
+        check_image(os.path.join(image_folder, record["image"]))
+
+
+def check_image(path):
+    """Raise ValueError if the image is missing or its header unreadable (no decoding).
+    -> PIL's name of the format the file really holds ("JPEG", "GIF", ...)."""
     try:
-        with Image.open(path):
-            pass
+        with Image.open(path) as image:
+            return image.format
     except FileNotFoundError:
         raise ValueError(f"image not found: {path}") from None
     except Exception as e:
