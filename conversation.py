@@ -53,9 +53,8 @@ def read_records(path):
     return records
 
 
-def check_record(record, image_folder):
-    """Raise ValueError saying what is wrong with one record; cheap (image headers only).
-    image_folder None: the structure only (the caller checks images itself, once per file)."""
+def check_record(record):
+    """Raise ValueError saying what is wrong with one record's structure (its image: check_image)."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError("no 'conversations' list")
     turns = record["conversations"]
@@ -74,8 +73,6 @@ def check_record(record, image_folder):
     first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
     if first_human is None or any(i != first_human for i in tags) or turns[first_human]["value"].count(IMAGE_TOKEN) > 1:
         raise ValueError(f"'{IMAGE_TOKEN}' must appear once, in the first human turn")
-    if image_folder is not None:
-        check_image(os.path.join(image_folder, record["image"]))
 
 
 def check_image(path):
@@ -95,9 +92,20 @@ def load_records(path, image_folder, skip_bad=False, log=print):
     with its name, or with skip_bad is logged and dropped."""
     records = read_records(path)
     kept, bad = [], 0
+    image_errors = {}  # image path -> its error or None: an image several records share is read once
     for index, record in enumerate(records):
         try:
-            check_record(record, image_folder)
+            check_record(record)
+            if "image" in record:
+                image = os.path.join(image_folder, record["image"])
+                if image not in image_errors:
+                    try:
+                        check_image(image)
+                        image_errors[image] = None
+                    except ValueError as e:
+                        image_errors[image] = str(e)
+                if image_errors[image]:
+                    raise ValueError(image_errors[image])
             kept.append(record)
         except ValueError as e:
             if not skip_bad:
@@ -109,6 +117,36 @@ def load_records(path, image_folder, skip_bad=False, log=print):
     if not kept:
         raise BadSample(f"{path}: no usable samples")
     return kept
+
+
+def write_records(records, directory):
+    """Records -> DIRECTORY/records.jsonl, one compact line each, and the byte offset where each
+    line starts in DIRECTORY/offsets.npy (read by RecordFile)."""
+    os.makedirs(directory, exist_ok=True)
+    offsets = [0]
+    with open(os.path.join(directory, "records.jsonl"), "wb") as f:
+        for record in records:
+            offsets.append(offsets[-1] + f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n"))
+    np.save(os.path.join(directory, "offsets.npy"), np.array(offsets, dtype=np.int64))
+
+
+class RecordFile:
+    """The records write_records wrote, each parsed when asked for. The file is memory-mapped, so
+    the ranks of a node and their data-loader workers share one copy in the page cache; 665K
+    parsed records held as a Python list cost each process several GB, and forked workers copy
+    that list page by page as they touch it."""
+
+    def __init__(self, directory):
+        self.offsets = np.load(os.path.join(directory, "offsets.npy"))
+        self.data = np.memmap(os.path.join(directory, "records.jsonl"), dtype=np.uint8, mode="r")
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return json.loads(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
 
 
 # ---------------------------------------------------------------- images

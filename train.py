@@ -305,6 +305,29 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     return len(samples)
 
 
+RECORDS_DIR = "records"  # in the output directory while training runs
+
+
+def load_data(args, rank, say):
+    """Rank 0 reads and validates the data, once for all ranks, and writes the records training
+    takes to OUTPUT/records/; every rank then maps that file (conversation.RecordFile). An error
+    reaches every rank, so none waits for rank 0 forever."""
+    directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
+    if rank == 0:
+        try:
+            records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+            conversation.write_records(records, directory)
+        except (conversation.BadSample, OSError) as e:
+            error = f"error: {e}"
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared)
+        error = shared[0]
+    if error:
+        raise SystemExit(error)
+    return conversation.RecordFile(directory)
+
+
 def main(stage):
     args = parse_args(stage)
     rank, world, device = setup_distributed()
@@ -327,10 +350,7 @@ def main(stage):
         model.to(device)
     else:
         model.vision.to(device), model.projector.to(device)
-    try:
-        records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-    except (conversation.BadSample, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    records = load_data(args, rank, say)
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         import features
@@ -440,6 +460,8 @@ def main(stage):
 
     # ---- save
     save_final(model, tokenizer, args, rank)
+    if rank == 0:
+        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR))
     say(f"saved {args.output_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -71,7 +71,9 @@ def make_data(directory, seed=0):
 
 
 def measure(directory, processes):
-    """-> (seconds from launch to the first line of log.jsonl, peak RSS in GB of the largest process)."""
+    """-> (seconds from launch to the first line of log.jsonl, peak RSS of each training process in
+    GB, its unshared memory (USS) at the first step in GB), largest first. Data-loader workers are
+    counted as processes of their own."""
     out = os.path.join(directory, f"out-{processes}")
     args = ["02_finetune.py", "--llm", "toy", "--vision", "toy", "--tokens", "4", "--projector", "none",
             "--data", os.path.join(directory, "data", "llava_v1_5_mix665k.json"),
@@ -84,19 +86,25 @@ def measure(directory, processes):
         os.remove(log)
     start = time.time()
     process = psutil.Popen(launcher + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak, first_step = 0.0, None
-    while process.poll() is None:  # each process's resident memory, including its data-loader workers
-        try:
-            for p in [process] + process.children(recursive=True):
-                peak = max(peak, p.memory_info().rss / 1e9)
-        except psutil.Error:
-            pass
-        if first_step is None and os.path.exists(log) and os.path.getsize(log):
+    peak, held, first_step = {}, {}, None
+    while process.poll() is None:
+        tree = [process] + process.children(recursive=True)
+        if processes > 1:  # torchrun itself holds no data
+            tree = tree[1:]
+        stepped = first_step is None and os.path.exists(log) and os.path.getsize(log)
+        if stepped:
             first_step = time.time() - start
+        for p in tree:
+            try:
+                peak[p.pid] = max(peak.get(p.pid, 0), p.memory_info().rss / 1e9)
+                if stepped:
+                    held[p.pid] = p.memory_full_info().uss / 1e9
+            except psutil.Error:
+                pass
         time.sleep(0.2)
     if process.returncode:
         raise SystemExit(process.stderr.read().decode()[-3000:])
-    return first_step or time.time() - start, peak
+    return first_step, sorted(peak.values(), reverse=True), sorted(held.values(), reverse=True)
 
 
 def main():
@@ -111,9 +119,12 @@ def main():
         print(f"made {path} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.time() - t:.0f} s")
     results = {}
     for processes in map(int, args.processes.split(",")):
-        seconds, peak = measure(args.dir, processes)
-        results[processes] = dict(first_step_s=round(seconds, 1), peak_rss_gb=round(peak, 2))
-        print(f"{processes} process(es): first optimizer step after {seconds:.1f} s, peak RSS {peak:.2f} GB per process")
+        seconds, peak, held = measure(args.dir, processes)
+        results[processes] = dict(first_step_s=round(seconds, 1), peak_rss_gb=[round(g, 2) for g in peak],
+                                  uss_at_first_step_gb=[round(g, 2) for g in held])
+        print(f"{processes} process(es): first optimizer step after {seconds:.1f} s; per process (workers too): "
+              f"peak RSS {', '.join(f'{g:.2f}' for g in peak)} GB, unshared at the first step "
+              f"{', '.join(f'{g:.2f}' for g in held)} GB")
     print(json.dumps(results))
 
 

@@ -77,7 +77,7 @@ def check(path, image_folder, decode):
     for index, record in enumerate(tqdm(records, desc=os.path.basename(path), mininterval=5)):
         name = conversation.record_name(path, index, record)
         try:
-            conversation.check_record(record, None)
+            conversation.check_record(record)
         except ValueError as e:
             problems["refused"].append((name, str(e)))
             continue

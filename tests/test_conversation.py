@@ -180,3 +180,20 @@ def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
                                              toy.build_image_processor(), 4, 512)
     with pytest.raises(conversation.BadSample, match="d.json: record 0 \\(id t1\\)"):
         dataset[0]
+
+
+def test_an_image_several_records_share_is_read_once(tmp_path, monkeypatch):
+    """LLaVA-665K names many COCO images in several records: validation reads each header once."""
+    opened = []
+    monkeypatch.setattr(conversation.Image, "open", lambda path, *a: opened.append(path) or Image.new("RGB", (4, 4)))
+    records = [dict(good_record(tmp_path), id=str(i)) for i in range(3)] + [dict(good_record(tmp_path), image="b.png")]
+    kept = conversation.load_records(write(tmp_path, records), tmp_path)
+    assert len(kept) == 4 and len(opened) == 2
+
+
+def test_record_file_gives_back_each_record(tmp_path):
+    records = [{"id": 1, "conversations": [{"from": "human", "value": "Grüße, 日本 🙂\nzwei"}]},
+               {"id": "x", "image": "a/b.jpg", "conversations": []}] * 3
+    conversation.write_records(records, tmp_path / "records")
+    stored = conversation.RecordFile(tmp_path / "records")
+    assert len(stored) == 6 and [stored[i] for i in range(6)] == records and list(stored) == records
