@@ -36,21 +36,44 @@ def record_name(path, index, record):
 
 def read_records(path):
     """A JSON list or JSONL file -> list of records. Malformed JSON names the line."""
-    with open(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadSample(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    records = []
-    for line_number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    return [record for record, _ in iter_records(path)]
+
+
+def iter_records(path, chunk=1 << 24):
+    """Yield (record, its JSON text) from a JSON list or JSONL file, reading a chunk of text at a
+    time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.
+    Malformed JSON names its line."""
+    with open(path, encoding="utf-8") as f:
+        text, lines_before, at_end = f.read(chunk), 0, False
+        if not text.lstrip().startswith("["):  # JSON lines
+            f.seek(0)
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line), line
+                    except json.JSONDecodeError as e:
+                        raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
+            return
+        decoder, position = json.JSONDecoder(), text.index("[") + 1
+        while True:
+            while position < len(text) and text[position] in " \t\r\n,":
+                position += 1
             try:
-                records.append(json.loads(line))
+                if position < len(text) and text[position] == "]":
+                    return
+                record, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as e:
-                raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
-    return records
+                if at_end:
+                    raise BadSample(f"{path}: malformed JSON at line {lines_before + e.lineno}, column {e.colno}: "
+                                    f"{e.msg}") from None
+                more = f.read(chunk)  # the record may run on into the next chunk
+                at_end = not more
+                cut = text.rfind("\n", 0, position) + 1  # keep whole lines, so error lines and columns stay true
+                lines_before += text.count("\n", 0, cut)
+                text, position = text[cut:] + more, position - cut
+                continue
+            yield record, text[position:end]
+            position = end
 
 
 def check_record(record):
@@ -87,13 +110,13 @@ def check_image(path):
         raise ValueError(f"unreadable image {path}: {e}") from None
 
 
-def load_records(path, image_folder, skip_bad=False, log=print):
-    """Read and validate the whole file before training starts. A bad record stops the run
-    with its name, or with skip_bad is logged and dropped."""
-    records = read_records(path)
-    kept, bad = [], 0
+def valid_records(path, image_folder, skip_bad=False, log=print):
+    """Read and validate the whole file before training starts: yield (record, its JSON text) for
+    each record training can take. A bad record stops the run with its name, or with skip_bad is
+    logged and dropped."""
+    kept, bad = 0, 0
     image_errors = {}  # image path -> its error or None: an image several records share is read once
-    for index, record in enumerate(records):
+    for index, (record, text) in enumerate(iter_records(path)):
         try:
             check_record(record)
             if "image" in record:
@@ -106,27 +129,33 @@ def load_records(path, image_folder, skip_bad=False, log=print):
                         image_errors[image] = str(e)
                 if image_errors[image]:
                     raise ValueError(image_errors[image])
-            kept.append(record)
         except ValueError as e:
             if not skip_bad:
                 raise BadSample(f"{record_name(path, index, record)}: {e} (or pass --skip-bad-samples)") from None
             log(f"skipping {record_name(path, index, record)}: {e}")
             bad += 1
+            continue
+        kept += 1
+        yield record, text
     if bad:
-        log(f"skipped {bad} bad samples of {len(records)} in {path}")
+        log(f"skipped {bad} bad samples of {kept + bad} in {path}")
     if not kept:
         raise BadSample(f"{path}: no usable samples")
-    return kept
 
 
-def write_records(records, directory):
-    """Records -> DIRECTORY/records.jsonl, one compact line each, and the byte offset where each
-    line starts in DIRECTORY/offsets.npy (read by RecordFile)."""
+def load_records(path, image_folder, skip_bad=False, log=print):
+    """valid_records as a list of records."""
+    return [record for record, _ in valid_records(path, image_folder, skip_bad, log)]
+
+
+def write_records(texts, directory):
+    """Records' JSON texts -> DIRECTORY/records.txt, back to back, and the offset where each
+    starts in DIRECTORY/offsets.npy (read by RecordFile)."""
     os.makedirs(directory, exist_ok=True)
     offsets = [0]
-    with open(os.path.join(directory, "records.jsonl"), "wb") as f:
-        for record in records:
-            offsets.append(offsets[-1] + f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n"))
+    with open(os.path.join(directory, "records.txt"), "wb") as f:
+        for text in texts:
+            offsets.append(offsets[-1] + f.write(text.encode()))
     np.save(os.path.join(directory, "offsets.npy"), np.array(offsets, dtype=np.int64))
 
 
@@ -138,7 +167,7 @@ class RecordFile:
 
     def __init__(self, directory):
         self.offsets = np.load(os.path.join(directory, "offsets.npy"))
-        self.data = np.memmap(os.path.join(directory, "records.jsonl"), dtype=np.uint8, mode="r")
+        self.data = np.memmap(os.path.join(directory, "records.txt"), dtype=np.uint8, mode="r")
 
     def __len__(self):
         return len(self.offsets) - 1

@@ -315,8 +315,8 @@ def load_data(args, rank, say):
     directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
     if rank == 0:
         try:
-            records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-            conversation.write_records(records, directory)
+            records = conversation.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+            conversation.write_records((text for _, text in records), directory)
         except (conversation.BadSample, OSError) as e:
             error = f"error: {e}"
     if dist.is_initialized():

@@ -14,7 +14,6 @@ fully, which also finds truncated files, at the cost of reading every byte. Exit
 would stop training or be skipped by --skip-bad-samples; --write-clean FILE writes the records it would accept.
 """
 import argparse
-import json
 import os
 import sys
 from collections import Counter, defaultdict
@@ -68,13 +67,14 @@ def image_problem(path, decode):
 
 
 def check(path, image_folder, decode):
-    """-> (usable records, {kind: [(record name, message)]}), printing the per-folder table."""
-    records = conversation.read_records(path)
+    """-> (records read, the usable ones' JSON texts, {kind: [(record name, message)]}), printing
+    the per-folder table."""
     problems = defaultdict(list)
     checked = {}  # image path -> problem: a COCO image used by several records is read once
-    usable = []
+    usable = []  # their JSON texts, as the file has them
     per_folder = defaultdict(Counter)
-    for index, record in enumerate(tqdm(records, desc=os.path.basename(path), mininterval=5)):
+    records = tqdm(conversation.iter_records(path), desc=os.path.basename(path), mininterval=5)
+    for index, (record, text) in enumerate(records):
         name = conversation.record_name(path, index, record)
         try:
             conversation.check_record(record)
@@ -83,7 +83,7 @@ def check(path, image_folder, decode):
             continue
         if "image" not in record:
             per_folder["(text only)"]["records"] += 1
-            usable.append(record)
+            usable.append(text)
             continue
         folder = record["image"].replace("\\", "/").split("/")[0] if "/" in record["image"] else "."
         per_folder[folder]["records"] += 1
@@ -97,15 +97,15 @@ def check(path, image_folder, decode):
             per_folder[folder][kind] += 1
             problems[kind].append((name, message))
         if problem is None or problem[0] in USABLE:
-            usable.append(record)
+            usable.append(text)
     kinds = ["missing", "not .jpg", "unreadable", "not JPEG"]
-    print(f"{path}: {len(records)} records, {len(usable)} usable; images in {image_folder}")
+    print(f"{path}: {records.n} records, {len(usable)} usable; images in {image_folder}")
     print(f"  {'folder':<16}{'records':>10}{'images':>10}" + "".join(f"{k:>12}" for k in kinds))
     for folder, counts in sorted(per_folder.items(), key=lambda item: -item[1]["records"])[:20]:
         print(f"  {folder:<16}{counts['records']:>10}{counts['images']:>10}" + "".join(f"{counts[k]:>12}" for k in kinds))
     if len(per_folder) > 20:
         print(f"  ... and {len(per_folder) - 20} more folders")
-    return records, usable, problems
+    return records.n, usable, problems
 
 
 def report(problems):
@@ -127,7 +127,7 @@ def main():
             wrong = True
             continue
         try:
-            records, usable, problems = check(path, image_folder, args.decode)
+            count, usable, problems = check(path, image_folder, args.decode)
         except conversation.BadSample as e:  # malformed JSON, with its line
             print(f"error: {e}")
             wrong = True
@@ -136,8 +136,8 @@ def main():
         wrong |= bool(set(problems) - USABLE)
         if args.write_clean:
             with open(args.write_clean, "w") as f:
-                json.dump(usable, f)
-            print(f"wrote {len(usable)} of {len(records)} records to {args.write_clean}")
+                f.write("[" + ",".join(usable) + "]")
+            print(f"wrote {len(usable)} of {count} records to {args.write_clean}")
     print("problems found" if wrong else "all good")
     sys.exit(1 if wrong else 0)
 
