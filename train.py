@@ -323,6 +323,8 @@ def load_data(args, rank, say):
         shared = [error]
         dist.broadcast_object_list(shared)
         error = shared[0]
+        if error:  # a clean exit: a live process group aborts the process on its way out
+            dist.destroy_process_group()
     if error:
         raise SystemExit(error)
     return conversation.RecordFile(directory)
