@@ -1,6 +1,7 @@
 """Evaluate a trained VLM on benchmarks the way LLaVA-1.5 does, and score like the official scorers.
 
-    python 03_evaluate.py --model runs/stage2 --bench gqa,pope,mme --data-root data/eval --output-dir runs/eval
+    python 03_evaluate.py --model runs/Qwen1.5-7B-Chat-quecc-v4/stage2 --bench gqa,pope,mme
+                                    # reads data/eval/BENCH/, writes MODEL/eval (--data-root, --output-dir)
     accelerate launch 03_evaluate.py ...          # questions split across processes, merged once
     python 03_evaluate.py --score-only --bench pope --questions Q.jsonl --answers A.jsonl
     python 03_evaluate.py --model runs/stage2 --image x.png --question "What is written here?"
@@ -33,8 +34,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="output directory of 02_finetune.py (or 01)")
     p.add_argument("--bench", help="comma-separated: " + ", ".join(benchmarks.BENCHMARKS))
-    p.add_argument("--data-root", help="folder holding BENCH/questions.jsonl and BENCH/images/")
-    p.add_argument("--output-dir")
+    p.add_argument("--data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
+    p.add_argument("--output-dir", help="default MODEL/eval")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--score-only", action="store_true", help="score --answers against --questions")
@@ -60,8 +61,10 @@ def parse_args():
     elif args.image or args.question:
         if not (args.model and args.image and args.question):
             p.error("one-off answers need --model, --image and --question")
-    elif not (args.model and args.bench and args.data_root and args.output_dir):
-        p.error("evaluation needs --model, --bench, --data-root and --output-dir")
+    elif not (args.model and args.bench):
+        p.error("evaluation needs --model and --bench")
+    if args.model and not args.output_dir:
+        args.output_dir = os.path.join(args.model, "eval")
     return args
 
 
@@ -294,16 +297,20 @@ def main():
     for name in names:
         if name not in benchmarks.BENCHMARKS:
             fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
-    try:
-        identity = answer_identity(args, world)
-    except OSError as e:
-        fail(f"{args.model} is not a complete 01/02 output directory ({e.strerror}: {e.filename})")
-    if rank == 0:  # one run per output directory at a time, and never another model's answers
-        train.lock_directory(args.output_dir)
-        check_earlier_outputs(args.output_dir, identity, args.overwrite)
+        questions = os.path.join(args.data_root, name, "questions.jsonl")
+        if not os.path.exists(questions):  # before the model loads
+            fail(f"{questions} not found: fetch {name} from its official source and convert it with "
+                 f"python data_prep/convert_benchmarks.py {name} --src ... --out {questions}, images in "
+                 f"{os.path.join(args.data_root, name, 'images')} (README 'Benchmark data')")
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
+    identity = answer_identity(args, world)
+    if rank == 0:  # one run per output directory at a time, and never another model's answers
+        train.lock_directory(args.output_dir)
+        check_earlier_outputs(args.output_dir, identity, args.overwrite)
+    if world > 1:  # no rank appends to an answer file before rank 0 has checked it
+        dist.barrier()
 
     rows = []
     for bench in names:

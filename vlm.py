@@ -194,10 +194,23 @@ def generate(model, tokenizer, batch, max_new_tokens=128):
     return [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
 
 
+@contextmanager
+def loading(what, name):
+    """A model that cannot be loaded (a wrong name, no network, a gated repository, a folder that
+    holds no model: Hugging Face raises OSError for each) stops with one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot load the {what} {name}: {reason}") from None
+
+
 def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_config=None):
     """Everything from names -> (VLM, tokenizer, image_processor)."""
-    llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
-    vision, image_processor = load_vision(vision_name)
+    with loading("LLM", llm_name):
+        llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
+    with loading("vision tower", vision_name):
+        vision, image_processor = load_vision(vision_name)
     return assemble(llm, vision, tokens, compressor, llm_name, vision_name), tokenizer, image_processor
 
 
@@ -265,7 +278,7 @@ def load_pretrained(directory, dtype=None):
     """An output directory of 01/02 -> (VLM, tokenizer, image_processor), ready for inference."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
+        raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
     with open(path) as f:
         config = json.load(f)
     llm_name = os.path.join(directory, config["llm_dir"]) if "llm_dir" in config else config["llm"]

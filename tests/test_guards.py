@@ -213,7 +213,8 @@ def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
 def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["01", "--data", "d.json", "--output-dir", str(tmp_path), flag, value])
     with pytest.raises(SystemExit):
-        train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False))
+        train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False, output="stage1",
+                              data="d.json", image_folder=".", source=""))
     assert words in capsys.readouterr().err
 
 
