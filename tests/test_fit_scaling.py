@@ -164,6 +164,19 @@ def test_refined_fit_is_the_box_optimum(seed):
         assert BOX[name][0] <= fit[name] <= BOX[name][1]
 
 
+def test_bootstrap_fits_are_the_box_optimum_of_their_weighted_sse():
+    """A resample is the cells weighted by how often it drew them: each of its fits is that weighted SSE's optimum."""
+    cells, rng = paper_cells(), np.random.default_rng(0)
+    W = sl.bootstrap_weights(cells, 4, seed=0)
+    fits = sl.fit_continuous(cells, BOX, W)
+    bounds = [BOX[name][:2] for name in sl.PARAMS]
+    for column, w in enumerate(W.T):
+        sse = lambda q: float((w * (q[0] * cells.N ** -q[1] * cells.V ** -q[2] + q[3] - cells.error) ** 2).sum())
+        best = min(minimize(sse, [rng.uniform(*b) for b in bounds], bounds=bounds, method="L-BFGS-B",
+                            options={"ftol": 1e-16, "gtol": 1e-14}).fun for _ in range(8))
+        assert sse([fits[name][column] for name in sl.PARAMS]) <= best * (1 + 1e-9)
+
+
 # -----------------------------------------------------------------------------
 # recovery of known parameters
 
