@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from bench_prefill import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup,
-                           swap_projector, test_images, time_round_robin, write_json)
+from common import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup, swap_projector,
+                    test_images, time_round_robin, timing_rounds, write_json)
 
-import conversation  # noqa: E402  (bench_prefill put the repository on the path)
+import conversation  # noqa: E402  (common put the repository on the path)
 
 STAGES = ("vision", "query", "projector", "prefill")
 
@@ -65,9 +65,8 @@ def main():
     p.add_argument("--tokens", type=int, default=1, help="V for the compressing projectors (mlp: always 576)")
     p.add_argument("--question", default=QUESTION)
     p.add_argument("--batch", type=int, default=1)
-    args = p.parse_args()
-    setup(args)
-    rounds = args.rounds or (20 if args.device.startswith("cuda") else 9)
+    args = setup(p)
+    rounds = timing_rounds(args, 20, 9)
     compressors = args.compressors.split(",")
     model, tokenizer, image_processor = build_model(args, args.tokens, compressors[0])
     info = machine(args)
