@@ -7,7 +7,7 @@ Per image (batch --batch), timed separately and round-robin:
   projector  the compressor + mlp2x_gelu
   prefill    the LLM over the whole prompt (template + question + V visual tokens)
 and each as a fraction of their sum. `static` is the total without the query pass: what a
-static prompt costs per image (static_query.py computes the question's embedding once; with
+static prompt costs per image (generate.StaticQuery computes the question's embedding once; with
 the question before the image it also skips the prompt's text, see bench_static_query.py).
 The compressors run at --tokens V (default 1); `mlp`, LLaVA's uncompressed projector, always
 at 576. Projector weights are random: cost does not depend on them.

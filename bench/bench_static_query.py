@@ -18,7 +18,7 @@ from common import (QUESTION, build_model, common_args, describe_llm, int_list, 
                     test_images, time_round_robin, timing_rounds, write_json)
 
 import conversation  # noqa: E402  (common put the repository on the path)
-from static_query import StaticQuery, plain_answers  # noqa: E402
+from generate import StaticQuery, plain_answers  # noqa: E402
 
 
 def main():

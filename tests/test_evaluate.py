@@ -113,7 +113,7 @@ def test_score_only_prints_metrics(uninterrupted, toy_data):
 def test_one_off_answer_matches_the_benchmark_run(checkpoint, toy_data, uninterrupted):
     question = json.loads(open(toy_data / "eval" / "toy_ocr" / "questions.jsonl").readline())
     expected = answers(uninterrupted, "toy_ocr")[0]
-    result = run_script("03_evaluate.py", "--model", str(checkpoint), "--max-new-tokens", "6",
+    result = run_script("generate.py", "--model", str(checkpoint), "--max-new-tokens", "6",
                         "--image", str(toy_data / "images" / question["image"]), "--question", expected["prompt"])
     assert result.stdout.strip() == expected["text"]
 

@@ -264,7 +264,7 @@ def test_answers_of_another_model_or_setting_are_refused_or_overwritten(toy_data
 def test_evaluation_refuses_bad_values_in_one_line(toy_data, tmp_path, checkpoint):
     refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path, "--batch-size", "0"), check=False),
             "--batch-size must be positive")
-    refused(run_script("03_evaluate.py", "--model", str(checkpoint), "--image", str(tmp_path), "--question", "What?",
+    refused(run_script("generate.py", "--model", str(checkpoint), "--image", str(tmp_path), "--question", "What?",
                        check=False), f"{tmp_path} is a directory")
     part = tmp_path / "toy_ocr" / "answers.part-0.jsonl"
     part.parent.mkdir()
