@@ -1,6 +1,6 @@
 """Benchmark: LLM prefill latency against the number of visual tokens V, beside the FLOPs model.
 
-The paper's cost model (REFERENCE.md section 1) is FLOPs ~ 2 N (Q + V): at a fixed LLM the
+The paper's cost model (section 3, Figure 1; docs/sources.md) is FLOPs ~ 2 N (Q + V): at a fixed LLM the
 prefill of one image should get (Q + 576) / (Q + V) times cheaper when V drops from 576.
 This times the LLM's prefill forward (what generate() runs before the first token: the whole
 prompt, logits for the last position only) over Q text + V visual tokens, for V in
