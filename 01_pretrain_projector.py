@@ -1,13 +1,13 @@
 """Stage 1: train the projector (QueCC + MLP) on image-caption pairs, LLM and vision frozen.
 
-LLaVA-1.5 numbers: lr 1e-3, global batch 256, 1 epoch, warmup 3%, cosine, no weight decay;
-images resized and centre-cropped (pretrain.sh). Text-free compressors use LLaVA's `plain`
-template (image, caption); QueCC keeps the human turn, because it needs the question as its
-query (as in the paper's release). Only the caption carries loss.
+LLaVA-1.5 numbers (scripts/v1_5/pretrain.sh; docs/sources.md): lr 1e-3, global batch 256,
+1 epoch, warmup 3%, cosine, no weight decay; images resized and centre-cropped. Text-free
+compressors use LLaVA's `plain` template (image, caption); QueCC keeps the human turn, because
+it needs the question as its query (as in the paper's release). Only the caption carries loss.
 
     python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4
 
-reads data/LLaVA-Pretrain/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage1.
+reads data/LLaVA-Pretrain/ (docs/data.md) and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage1.
 """
 import train
 

@@ -1,12 +1,12 @@
 """Stage 2: train the projector and the LLM on instruction data, vision frozen.
 
-LLaVA-1.5 numbers: lr 2e-5, global batch 128, 1 epoch, warmup 3%, cosine, no weight decay;
-loss on assistant turns only, in the LLM's own chat template (LLaVA's vicuna_v1 without one);
-images padded to square. Start from stage 1's projector.
+LLaVA-1.5 numbers (scripts/v1_5/finetune.sh; docs/sources.md): lr 2e-5, global batch 128,
+1 epoch, warmup 3%, cosine, no weight decay; loss on assistant turns only, in the LLM's own
+chat template (LLaVA's vicuna_v1 without one); images padded to square. Start from stage 1's projector.
 
     accelerate launch 02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4
 
-reads data/llava_v1_5_mix665k.json and its images under data/ (README 'Data'), starts from
+reads data/llava_v1_5_mix665k.json and its images under data/ (docs/data.md), starts from
 runs/Qwen1.5-7B-Chat-quecc-v4/stage1 (01's output) and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage2.
 """
 import train

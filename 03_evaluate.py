@@ -272,7 +272,7 @@ def main():
         if not os.path.exists(questions):  # before the model loads
             fail(f"{questions} not found: fetch {name} from its official source and convert it with "
                  f"python data_prep/convert_benchmarks.py {name} --src ... --out {questions}, images in "
-                 f"{os.path.join(args.data_root, name, 'images')} (README 'Benchmark data')")
+                 f"{os.path.join(args.data_root, name, 'images')} (docs/evaluation.md)")
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()

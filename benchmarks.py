@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 LETTERS = string.ascii_uppercase
+# LLaVA-1.5's evaluation prompts (its question files, model_vqa_mmbench.py; docs/sources.md)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 VIZWIZ_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."

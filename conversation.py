@@ -1,6 +1,6 @@
 """Conversations -> model inputs: LLaVA's JSON format, images, chat templates, label masks, batches.
 
-A record (LLaVA-1.5, REFERENCE.md section 2):
+A record (LLaVA-1.5's docs/Data.md; docs/sources.md):
     {"id": "...", "image": "coco/000.jpg",            # absent for text-only samples
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
@@ -32,6 +32,7 @@ from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 TEMPLATES = ("chat", "vicuna_v1", "plain")
+# LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md)
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 

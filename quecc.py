@@ -8,7 +8,7 @@ Four compressors share one interface, so every experiment differs by one flag:
 Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM. Before
 them, the features may be standardized per channel (off unless fitted; see Standardize).
 
-QueCC, step by step (Li et al. 2024, section 3; shapes for CLIP-L/336, V = 4):
+QueCC, step by step (Li et al. 2024, section 4; shapes for CLIP-L/336, V = 4):
   question embedding (B, d_llm) --Linear+LayerNorm--> (B, 1024), added to every patch
   patches (B, 576, 1024) + question --MLP--> queries on the 24x24 grid
   depthwise conv, kernel = stride = 24 / sqrt(V) = 12 --> (B, 4, 1024) queries
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 COMPRESSORS = ("quecc", "tokenpacker", "pool", "mlp")
 
-# The release takes keys/values from hidden states 12, 16, 22 and 23 of the
-# 24-layer CLIP-L. Stated as fractions of depth they carry over to any encoder
-# (a 6-layer toy gets 3, 4, 6, 6).
+# The release takes keys/values from hidden states 12, 16, 22 and 23 of the 24-layer CLIP-L
+# (its clip_encoder.py, feature_select; docs/sources.md). Stated as fractions of depth they
+# carry over to any encoder (a 6-layer toy gets 3, 4, 6, 6).
 KEY_LAYER_FRACTIONS = (12 / 24, 16 / 24, 22 / 24, 23 / 24)
-ATTENTION_HEADS = 8
+ATTENTION_HEADS = 8  # the release's multimodal_projector/quecc.py
 
 
 def valid_token_counts(grid):
@@ -127,7 +127,7 @@ class Standardize(nn.Module):
     An identity until fit() (train.py --standardize-features). It is for encoders whose features
     share a large picture-independent part: in the random toy tower that part is ~3x the part
     that varies, and the projector, trained with Adam, then learns the small informative
-    directions (an object's shape) slowly or not at all within a toy budget (README)."""
+    directions (an object's shape) slowly or not at all within a toy budget (docs/toy_world.md)."""
 
     def __init__(self, width):
         super().__init__()

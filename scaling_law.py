@@ -11,7 +11,8 @@ from scipy.optimize import least_squares
 from tqdm import tqdm
 
 PARAMS = ("A", "alpha", "beta", "D")
-# The release's grid: (low, high, points). --range moves the ends, never the resolution.
+# The release's grid (scaling_law_code/objective.py; docs/sources.md): (low, high, points).
+# --range moves the ends, never the resolution.
 PAPER_BOX = {"A": (0.2, 0.7, 50), "alpha": (0.0, 0.2, 100), "beta": (0.0, 0.05, 100), "D": (0.0, 0.3, 10)}
 VALID_TOKENS = np.array([1, 4, 16, 36, 64, 144, 576])  # what the compressor can produce from 24x24 patches
 N_RANGE = (0.5, 20.0)  # LLM sizes (billions) the compute-optimal search may pick
@@ -270,7 +271,8 @@ def budget_query(fit, budget, Q, G):
 
 
 def holdout_largest(cells, box):
-    """Fit without the largest LLM, predict it: the paper's check (0.5B-7B predicting 14B within 2%)."""
+    """Fit without the largest LLM, predict it: the paper's check (0.5B-7B predicting 14B within 2%,
+    docs/sources.md)."""
     largest = cells.N.max()
     train, test = cells.subset(cells.N < largest), cells.subset(cells.N == largest)
     check_identifiable(train, f" without N = {largest:g}")

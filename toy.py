@@ -78,7 +78,7 @@ def build_llm(name, vocab_size):
                          tie_word_embeddings=True, eos_token_id=2, pad_token_id=0,
                          # weights ~ 1/sqrt(width), not the 0.02 tuned for 768+ wide models: at
                          # width 32-256, 0.02 starts attention so flat that a toy LLM needs thousands
-                         # of steps to learn to read the visual tokens (measured in README)
+                         # of steps to learn to read the visual tokens (measured in docs/toy_world.md)
                          initializer_range=hidden ** -0.5)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)

@@ -38,7 +38,7 @@ import quecc
 import vlm
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
-VISION = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's tower
+VISION = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's tower (scripts/v1_5/*.sh; docs/sources.md)
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -138,13 +138,13 @@ def check_output_dir(p, args):
 
 def fill_defaults(args, stage):
     """The command as typed (`02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4`) runs on LLaVA's
-    layout under data/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage2, starting from
+    layout under data/ (docs/data.md) and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage2, starting from
     the stage1 folder next to it. Missing data or a missing stage 1 stop here, before a model loads."""
     run = os.path.join("runs", f"{os.path.basename(os.path.normpath(args.llm))}-{args.compressor}-v{args.tokens}")
     args.output_dir = args.output_dir or os.path.join(run, stage["output"])
     for path, kind in ((args.data, "data file"), (args.image_folder, "image folder")):
         if not os.path.exists(path):
-            raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (README 'Data')")
+            raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (docs/data.md)")
     if args.train_llm and args.projector is None and not args.show_samples:  # rendering needs no projector
         stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
         if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
@@ -291,7 +291,7 @@ def load_newest_checkpoint(model, optimizer, output_dir, rank):
 # ---------------------------------------------------------------- the output directory
 
 # What a resume may change: how the run is carried out, not what it computes (the loss does
-# not depend on how a global batch is split; see the README).
+# not depend on how a global batch is split; docs/training.md).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
                         "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
 _held_locks = []
@@ -369,7 +369,7 @@ def end_distributed():
 # ---------------------------------------------------------------- the program
 
 def lr_at(step, total, warmup, base):
-    """Linear warmup, then cosine to zero (LLaVA: warmup_ratio 0.03, cosine)."""
+    """Linear warmup, then cosine to zero (LLaVA scripts/v1_5/*.sh: warmup_ratio 0.03, cosine; docs/sources.md)."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -27,7 +27,7 @@ from quecc import Projector, key_layers
 # view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP
+SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP (--mm_vision_select_layer; docs/sources.md)
 CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
 
 

@@ -1,11 +1,11 @@
 """Benchmark: LLM prefill latency against the number of visual tokens V, beside the FLOPs model.
 
-The paper's cost model (REFERENCE.md section 1) is FLOPs ~ 2 N (Q + V): at a fixed LLM the
+The paper's cost model (section 3, Figure 1; docs/sources.md) is FLOPs ~ 2 N (Q + V): at a fixed LLM the
 prefill of one image should get (Q + 576) / (Q + V) times cheaper when V drops from 576.
 This times the LLM's prefill forward (what generate() runs before the first token: the whole
 prompt, logits for the last position only) over Q text + V visual tokens, for V in
 {1, 4, 16, 36, 144, 576} and Q in {0, 50}; Q = 0 is the cached-text regime (a static prompt
-whose KV cache is reused, static_query.py), Q = 50 the paper's second setting. Only the
+whose KV cache is reused, generate.StaticQuery), Q = 50 the paper's second setting. Only the
 sequence length matters to the LLM, so the inputs are random embeddings.
 
 Two tables: latency (batch 1: one image at a time, the `rows` of the JSON) and throughput

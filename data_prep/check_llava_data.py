@@ -1,4 +1,4 @@
-"""Check a LLaVA data layout before a GPU-hour is spent on it (README 'Data').
+"""Check a LLaVA data layout before a GPU-hour is spent on it (docs/data.md).
 
     python data_prep/check_llava_data.py            # both stages' default files under data/
     python data_prep/check_llava_data.py --data data/llava_v1_5_mix665k.json --image-folder data \\
@@ -123,7 +123,7 @@ def main():
     wrong = False
     for path, image_folder in stages:
         if not os.path.exists(path):
-            print(f"{path}: not found (README 'Data' says where it comes from)")
+            print(f"{path}: not found (docs/data.md says where it comes from)")
             wrong = True
             continue
         try:

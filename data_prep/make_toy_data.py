@@ -56,7 +56,7 @@ def make_scene(rng, with_word, kind=None):
     """-> dict(objects=[(colour, shape, cell)], word=(text, cell) or None): one to three copies of
     one coloured shape in distinct cells. One kind of object per image keeps every question a
     read of the whole picture: which colour goes with which shape among several different objects
-    (binding) is more than a toy LLM trained from scratch learns in a CPU budget (see README)."""
+    (binding) is more than a toy LLM trained from scratch learns in a CPU budget (docs/toy_world.md)."""
     count = rng.randint(1, 3)
     colour, shape = kind or (rng.choice(COLOURS), rng.choice(SHAPES))
     cells = rng.sample(range(SIDE * SIDE), count + with_word)

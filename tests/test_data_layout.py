@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import run_script
 
 TOY = ["--llm", "toy", "--vision", "toy", "--num-workers", "0"]
-# LLaVA-665K's image folders (README 'Data'): the toy images spread over them
+# LLaVA-665K's image folders (docs/data.md): the toy images spread over them
 FOLDERS = ["coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K"]
 
 

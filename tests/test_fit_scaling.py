@@ -68,7 +68,7 @@ def test_paper_targets(paper_run):
     assert 0.0145 <= result["beta"] <= 0.0175
     assert result["sse"] <= 3.96e-4
     assert result["D"] == 0 and any("D = 0 sits on the lower edge" in w for w in result["warnings"])
-    # REFERENCE.md: the full grid's optimum and the continuous fit inside its box
+    # the full grid's optimum and the continuous fit inside its box (docs/fitting.md)
     grid = result["grid"]  # the release-comparable number, fit.json's "grid"
     assert grid["alpha"] == pytest.approx(0.0747, abs=1e-4) and grid["beta"] == pytest.approx(0.0162, abs=1e-4)
     assert grid["A"] == pytest.approx(0.557, abs=1e-3) and grid["D"] == pytest.approx(0.0333, abs=1e-4)
