@@ -215,7 +215,7 @@ def test_question_types_at_the_answer_prior_are_left_out_of_the_means_and_named(
                                               else row["score"])
     demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60)
     summary = (tmp_path / "summary.md").read_text()
-    assert "| exists* |" in summary and "Left out of the means" in summary and "exists (reasoning), ocr (ocr)" in summary
+    assert "| exists* |" in summary and "Left out of the means" in summary and "exists (reasoning); the whole ocr split" in summary
     assert "**ocr**: no question type rises above twice its majority-answer baseline in any run" in summary
 
 
