@@ -119,8 +119,8 @@ class Cells:
     error: np.ndarray  # 1 - accuracy averaged over the cell's benchmarks
     source: str
     benchmarks: list  # the benchmark names averaged ([] when the file names none)
-    # rows with a seed column (training replicates): one point per (N, V, seed), and each point's cell
-    seeds: "Cells" = None
+    # rows with a seed column (training replicates): Cells of one point per (N, V, seed), and each point's cell
+    seeds: object = None
     seed_cell: np.ndarray = None
 
     def subset(self, keep):
