@@ -5,10 +5,15 @@ images resized and centre-cropped (pretrain.sh). Text-free compressors use LLaVA
 template (image, caption); QueCC keeps the human turn, because it needs the question as its
 query (as in the paper's release). Only the caption carries loss.
 
-    python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4 \\
-        --data blip_laion_cc_sbu_558k.json --image-folder images --output-dir runs/stage1
+    python 01_pretrain_projector.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4
+
+reads data/LLaVA-Pretrain/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage1.
 """
 import train
 
 if __name__ == "__main__":
-    train.main(dict(name="stage 1", description=__doc__, lr=1e-3, batch_size=256, train_llm=False))
+    train.main(dict(name="stage 1", description=__doc__, lr=1e-3, batch_size=256, train_llm=False,
+                    output="stage1", data="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+                    image_folder="data/LLaVA-Pretrain/images",
+                    source="stage 1 trains on LLaVA-558K: blip_laion_cc_sbu_558k.json and images.zip from "
+                           "huggingface.co/datasets/liuhaotian/LLaVA-Pretrain, unzipped into data/LLaVA-Pretrain/images"))

@@ -1,10 +1,11 @@
 """Evaluate a trained VLM on benchmarks the way LLaVA-1.5 does, and score like the official scorers.
 
-    python 03_evaluate.py --model runs/stage2 --bench gqa,pope,mme --data-root data/eval --output-dir runs/eval
+    python 03_evaluate.py --model runs/Qwen1.5-7B-Chat-quecc-v4/stage2 --bench gqa,pope,mme
+                                    # reads data/eval/BENCH/, writes MODEL/eval (--data-root, --output-dir)
     accelerate launch 03_evaluate.py ...          # questions split across processes, merged once
     python 03_evaluate.py --score-only --bench pope --questions Q.jsonl --answers A.jsonl
-    python 03_evaluate.py --model runs/stage2 --image x.png --question "What is written here?"
-    python 03_evaluate.py --model runs/stage2 --static-query --question "Is the door open?" --image f1.png f2.png
+
+One question about your own images: generate.py.
 
 Layout: DATA_ROOT/BENCH/questions.jsonl (see data_prep/convert_benchmarks.py) and
 DATA_ROOT/BENCH/images/. Output: OUTPUT_DIR/BENCH/answers.jsonl (LLaVA's answer format),
@@ -19,31 +20,25 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import benchmarks
 import conversation
 import train
 import vlm
-from static_query import StaticQuery, plain_answers
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="output directory of 02_finetune.py (or 01)")
     p.add_argument("--bench", help="comma-separated: " + ", ".join(benchmarks.BENCHMARKS))
-    p.add_argument("--data-root", help="folder holding BENCH/questions.jsonl and BENCH/images/")
-    p.add_argument("--output-dir")
+    p.add_argument("--data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
+    p.add_argument("--output-dir", help="default MODEL/eval")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--score-only", action="store_true", help="score --answers against --questions")
     p.add_argument("--questions")
     p.add_argument("--answers")
-    p.add_argument("--image", nargs="+", help="one-off: answer --question about these images")
-    p.add_argument("--question")
-    p.add_argument("--static-query", action="store_true",
-                   help="one fixed question for many images: its embedding (and prompt cache) computed once")
     p.add_argument("--overwrite", action="store_true",
                    help="delete answers in --output-dir that another model or other settings wrote, and start over")
     p.add_argument("--params-b", type=float, metavar="B", help="the LLM's nominal size in billions for results.jsonl's "
@@ -57,11 +52,10 @@ def parse_args():
     if args.score_only:
         if not (args.bench and args.questions and args.answers):
             p.error("--score-only needs --bench, --questions and --answers")
-    elif args.image or args.question:
-        if not (args.model and args.image and args.question):
-            p.error("one-off answers need --model, --image and --question")
-    elif not (args.model and args.bench and args.data_root and args.output_dir):
-        p.error("evaluation needs --model, --bench, --data-root and --output-dir")
+    elif not (args.model and args.bench):
+        p.error("evaluation needs --model and --bench")
+    if args.model and not args.output_dir:
+        args.output_dir = os.path.join(args.model, "eval")
     return args
 
 
@@ -265,45 +259,28 @@ def score_only(args):
     print(json.dumps(metrics, indent=2))
 
 
-def one_off(args, device):
-    model, tokenizer, image_processor = vlm.load_pretrained(args.model)
-    model.to(device).eval()
-    for path in args.image:
-        if not os.path.isfile(path):
-            fail(f"{path} is a directory; --image takes image files" if os.path.isdir(path) else f"image not found: {path}")
-    if args.static_query:
-        texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens).answer(args.image)
-    else:
-        texts = plain_answers(model, tokenizer, image_processor, args.question, args.image,
-                              args.batch_size, args.max_new_tokens)
-    for path, text in zip(args.image, texts):
-        print(f"{path}: {text}" if len(args.image) > 1 else text)
-
-
 def main():
     args = parse_args()
     if args.score_only:
         return score_only(args)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if args.image:
-        return one_off(args, device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = train.setup_distributed()
     names = args.bench.split(",")
     for name in names:
         if name not in benchmarks.BENCHMARKS:
             fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
-    try:
-        identity = answer_identity(args, world)
-    except OSError as e:
-        fail(f"{args.model} is not a complete 01/02 output directory ({e.strerror}: {e.filename})")
-    if rank == 0:  # one run per output directory at a time, and never another model's answers
-        train.lock_directory(args.output_dir)
-        check_earlier_outputs(args.output_dir, identity, args.overwrite)
+        questions = os.path.join(args.data_root, name, "questions.jsonl")
+        if not os.path.exists(questions):  # before the model loads
+            fail(f"{questions} not found: fetch {name} from its official source and convert it with "
+                 f"python data_prep/convert_benchmarks.py {name} --src ... --out {questions}, images in "
+                 f"{os.path.join(args.data_root, name, 'images')} (README 'Benchmark data')")
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
+    identity = answer_identity(args, world)
+    if rank == 0:  # one run per output directory at a time, and never another model's answers
+        train.lock_directory(args.output_dir)
+        check_earlier_outputs(args.output_dir, identity, args.overwrite)
+    train.barrier()  # no rank appends to an answer file before rank 0 has checked it
 
     rows = []
     for bench in names:
@@ -318,8 +295,7 @@ def main():
         os.makedirs(folder, exist_ok=True)
         generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
                          rank, world, device, identity)
-        if world > 1:
-            dist.barrier()
+        train.barrier()
         if rank == 0:
             answers = merge_answers(folder, questions)
             metrics = benchmarks.score(bench, questions, answers)
@@ -328,12 +304,10 @@ def main():
             rows.append(result_row(model, bench, metrics, identity, args.params_b))
             print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
-        if world > 1:
-            dist.barrier()
+        train.barrier()
     if rank == 0:
         write_results(args.output_dir, rows)
-    if world > 1:
-        dist.destroy_process_group()
+    train.end_distributed()
 
 
 if __name__ == "__main__":

@@ -2,19 +2,16 @@
 
     error(N, V) = A * N^(-alpha) * V^(-beta) + D
 
-N: LLM parameters (billions), V: visual tokens per image, error: 1 - accuracy
-averaged over a benchmark suite. Inference cost: FLOPs = 2 N (Q + V + G), with
-Q text tokens (0 when the prompt is cached) and G generated tokens.
+N: LLM parameters (billions), V: visual tokens per image, error: 1 - accuracy averaged over a
+benchmark suite. Inference cost: FLOPs = 2 N (Q + V + G), with Q text tokens (0 when the prompt
+is cached) and G generated tokens.
 
-The release samples 20% of a 5,000,000-point grid in random order: about 7
-minutes, a different answer on each run, no uncertainty. This script
-  1. evaluates the whole grid exactly (for fixed alpha and beta the SSE is a
-     quadratic in A and D, so five sums per (alpha, beta) replace 28 residuals
-     per grid point),
-  2. refines continuously inside the same box (A and D in closed form for each
-     (alpha, beta), which a pattern search then moves),
-  3. bootstraps the (N, V) cells for 95% intervals,
-  4. finds the compute-optimal (N, V), checks extrapolation, draws the plots.
+The release samples 20% of a 5,000,000-point grid in random order: about 7 minutes, a different
+answer on each run, no uncertainty. This script evaluates the whole grid exactly (for fixed alpha
+and beta the SSE is a quadratic in A and D, so five sums per (alpha, beta) replace 28 residuals
+per grid point), refines continuously inside the same box (scipy's bounded least squares),
+bootstraps the (N, V) cells for 95% intervals, finds the compute-optimal (N, V), checks
+extrapolation and draws the plots. The fitting itself is in scaling_law.py.
 
   python 04_fit_scaling.py --paper
   python 04_fit_scaling.py --scores runs/eval/results.jsonl --suite gqa,pope
@@ -32,26 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+
+from scaling_law import (N_RANGE, PAPER_BOX, PARAMS, TEXT_LENGTHS, VALID_TOKENS, BadInput, best_config, bootstrap,
+                         budget_query, check_identifiable, edge_warnings, fit_full_grid, fit_law, holdout_largest,
+                         inference_flops, interval, law, on_edge, optimal_tokens_continuous, optimal_tokens_table,
+                         optimal_tokens_valid)
 
 PROG = "04_fit_scaling.py"
 PUBLISHED = Path(__file__).resolve().parent / "published"
 PAPER_DATA = {"reasoning": PUBLISHED / "paper_visual_reasoning.csv", "ocr": PUBLISHED / "paper_ocr.csv"}
-PARAMS = ("A", "alpha", "beta", "D")
-# The release's grid: (low, high, points). --range moves the ends, never the resolution.
-PAPER_BOX = {"A": (0.2, 0.7, 50), "alpha": (0.0, 0.2, 100), "beta": (0.0, 0.05, 100), "D": (0.0, 0.3, 10)}
-VALID_TOKENS = np.array([1, 4, 16, 36, 64, 144, 576])  # what the compressor can produce from 24x24 patches
-N_RANGE = (0.5, 20.0)  # LLM sizes (billions) the compute-optimal search may pick
-TEXT_LENGTHS = (0, 10, 50, 100, 200)
 PLOTTED_TEXT_LENGTHS = (0, 50)  # the paper's Figure 1a (cached text) and 1b
-SEARCH_POINTS = 11  # per axis: the pattern search's window is the current best +- one step
-SEARCH_TOLERANCE = 1e-7  # stop when the step is this fraction of the grid's: ~2e-10 in alpha
-SEARCH_MAX_STEPS = 200
-BASIS_ELEMENTS = 1 << 22  # N^-alpha V^-beta values held at once: 32 MB, whatever the number of cells
-
-
-class BadInput(Exception):
-    """Input the script refuses: main prints it as one line and exits with status 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -72,17 +59,15 @@ def parse_range(text):
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
+    if int(text) < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
+    return int(text)
 
 
 def positive_float(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(float(text)) and float(text) > 0):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+    return float(text)
 
 
 def parse_args(argv):
@@ -256,22 +241,6 @@ def seed_points(records, cells):
     return cells
 
 
-def check_identifiable(cells, what=""):
-    """The law has 4 parameters, one exponent per axis: refuse data that cannot pin them down."""
-    if len(cells.N) < len(PARAMS):
-        raise BadInput(f"{cells.source}{what}: only {len(cells.N)} distinct (N, V) cells, fewer than the law's "
-                       f"{len(PARAMS)} parameters (A, alpha, beta, D)")
-    if len(np.unique(cells.N)) < 2:
-        raise BadInput(f"{cells.source}{what}: every row has params_b = {cells.N[0]:g}; alpha (the LLM-size exponent) "
-                       "needs at least two LLM sizes")
-    if len(np.unique(cells.V)) < 2:
-        raise BadInput(f"{cells.source}{what}: every row has tokens = {cells.V[0]:g}; beta (the visual-token exponent) "
-                       "needs at least two token counts")
-    if np.ptp(cells.error) == 0:
-        raise BadInput(f"{cells.source}{what}: every cell has error {cells.error[0]:g}; the law needs errors that "
-                       "vary with N or V (were the models trained and evaluated?)")
-
-
 def load_cells(path, suite, compressor):
     records = select_records(read_records(path), path, suite, compressor)
     cells, warnings = average_cells(records, path)
@@ -280,316 +249,21 @@ def load_cells(path, suite, compressor):
 
 
 # -----------------------------------------------------------------------------
-# fit
-
-def search_box(ranges):
-    box = dict(PAPER_BOX)
-    for name, lo, hi in ranges:
-        box[name] = (lo, hi, PAPER_BOX[name][2])
-    return box
-
-
-def axis(bounds):
-    return np.linspace(*bounds)
-
-
-def law(p, N, V):
-    return p["A"] * N ** -p["alpha"] * V ** -p["beta"] + p["D"]
-
-
-def basis(alpha, beta, logN, logV):
-    """x = N^-alpha V^-beta for each (alpha, beta); the data points on a new last axis."""
-    return np.exp(-(alpha[..., None] * logN + beta[..., None] * logV))
-
-
-def moments(alpha, beta, logN, logV, W, y):
-    """The weighted sums the SSE needs, for each (alpha, beta) and each weight column of W (n, B).
-
-    alpha, beta are (K,), shared by all weight columns, or (K, B), one per column. The sums run
-    over the cells in chunks of at most BASIS_ELEMENTS basis values, so memory stays bounded
-    however many cells there are."""
-    step = max(1, BASIS_ELEMENTS // alpha.size)
-    sums = {}
-    for start in range(0, len(y), step):
-        part = slice(start, start + step)
-        X, w = basis(alpha, beta, logN[part], logV[part]), W[part]
-        dot = (lambda a, v: a @ v) if X.ndim == 2 else (lambda a, v: np.einsum("kbn,nb->kb", a, v))
-        chunk = {"Sx": dot(X, w), "Sxx": dot(X * X, w), "Sxy": dot(X, w * y[part, None])}
-        sums = {k: sums.get(k, 0) + v for k, v in chunk.items()}
-    Wy = W * y[:, None]
-    return {**sums, "S": W.sum(0), "Sy": Wy.sum(0), "Syy": (Wy * y[:, None]).sum(0)}
-
-
-def quadratic_sse(m, A, D):
-    """sum w (A x + D - y)^2, expanded so that it costs the same for one data point or a thousand."""
-    return A * (A * m["Sxx"] + 2 * (D * m["Sx"] - m["Sxy"])) + D * (D * m["S"] - 2 * m["Sy"]) + m["Syy"]
-
-
-def fit_full_grid(cells, box, alpha_chunk=10):
-    """The exact optimum of the release's 4-D grid, every point evaluated, in chunks of alpha to bound memory."""
-    logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
-    A, alphas, betas, D = (axis(box[name]) for name in PARAMS)
-    best = (np.inf, None)
-    for start in range(0, len(alphas), alpha_chunk):
-        alpha, beta = (g.ravel() for g in np.meshgrid(alphas[start:start + alpha_chunk], betas, indexing="ij"))
-        m = {k: v[..., None] for k, v in moments(alpha, beta, logN, logV, np.ones((len(y), 1)), y).items()}
-        sse = quadratic_sse(m, A[:, None], D[None, :])  # (alpha x beta, A, D)
-        k, i, j = np.unravel_index(sse.argmin(), sse.shape)
-        if sse[k, i, j] < best[0]:
-            best = (sse[k, i, j], {"A": A[i], "alpha": alpha[k], "beta": beta[k], "D": D[j]})
-    return with_goodness(best[1], cells)
-
-
-def solve_amplitude_and_floor(m, box):
-    """Least-squares A and D inside the box for fixed (alpha, beta), in closed form.
-
-    The SSE is a convex quadratic in (A, D), so its minimum over the box is the
-    free minimum when that lies inside, else the best of the four edge minima
-    (each a 1-D solve, clipped). Returns A, D and SSE shaped like the moments."""
-    (a_lo, a_hi, _), (d_lo, d_hi, _) = box["A"], box["D"]
-    Sx, Sxx, Sxy, S, Sy = (m[k] for k in ("Sx", "Sxx", "Sxy", "S", "Sy"))
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        det = Sxx * S - Sx * Sx  # 0 at alpha = beta = 0, where A and D act as one number
-        A_free = (S * Sxy - Sx * Sy) / det
-        D_free = (Sy - A_free * Sx) / S
-        inside = (det > 0) & (a_lo <= A_free) & (A_free <= a_hi) & (d_lo <= D_free) & (D_free <= d_hi)
-        best_A, best_D = np.where(inside, A_free, np.nan), np.where(inside, D_free, np.nan)
-        best_sse = np.where(inside, quadratic_sse(m, A_free, D_free), np.inf)
-    edges = [(a, np.clip((Sy - a * Sx) / S, d_lo, d_hi)) for a in (a_lo, a_hi)]
-    edges += [(np.clip((Sxy - d * Sx) / Sxx, a_lo, a_hi), d) for d in (d_lo, d_hi)]
-    for A, D in edges:
-        sse = quadratic_sse(m, A, D)
-        better = sse < best_sse
-        best_A, best_D, best_sse = np.where(better, A, best_A), np.where(better, D, best_D), np.where(better, sse, best_sse)
-    return best_A, best_D, best_sse
-
-
-def fit_continuous(cells, box, W):
-    """Least squares inside the box, one fit per weight column of W (ones: the plain fit; counts: bootstrap).
-
-    A and D are solved exactly for each (alpha, beta). (alpha, beta) start at
-    the best point of the release's 100 x 100 grid, then a pattern search: a
-    window of +- one step around the best point; move to its best point, keep
-    the step while that lies on the window's border (the valley goes on),
-    shrink it 5x otherwise. The best point is always a candidate, so the result
-    is never worse than the whole 4-D grid's optimum."""
-    logN, logV, y = np.log(cells.N), np.log(cells.V), cells.error
-    alphas, betas = axis(box["alpha"]), axis(box["beta"])
-    alpha, beta = (g.ravel() for g in np.meshgrid(alphas, betas, indexing="ij"))
-    _, _, sse = solve_amplitude_and_floor(moments(alpha, beta, logN, logV, W, y), box)
-    best = sse.argmin(0)
-    alpha, beta = alpha[best], beta[best]
-
-    offsets = np.linspace(-1, 1, SEARCH_POINTS)
-    d_alpha, d_beta = (g.ravel()[:, None] for g in np.meshgrid(offsets, offsets, indexing="ij"))
-    step_alpha, step_beta = np.full_like(alpha, alphas[1] - alphas[0]), np.full_like(beta, betas[1] - betas[0])
-    A, D = np.empty_like(alpha), np.empty_like(alpha)
-    for _ in range(SEARCH_MAX_STEPS):
-        active = np.flatnonzero(step_alpha > SEARCH_TOLERANCE * (alphas[1] - alphas[0]))
-        if active.size == 0:
-            break
-        a = np.clip(alpha[active] + step_alpha[active] * d_alpha, *box["alpha"][:2])
-        b = np.clip(beta[active] + step_beta[active] * d_beta, *box["beta"][:2])
-        fits = solve_amplitude_and_floor(moments(a, b, logN, logV, W[:, active], y), box)
-        k, rows = fits[2].argmin(0), np.arange(active.size)
-        on_border = (np.abs(a[k, rows] - alpha[active]) >= 0.999 * step_alpha[active]) | \
-                    (np.abs(b[k, rows] - beta[active]) >= 0.999 * step_beta[active])
-        alpha[active], beta[active], A[active], D[active] = a[k, rows], b[k, rows], fits[0][k, rows], fits[1][k, rows]
-        shrink = np.where(on_border, 1.0, 2 / (SEARCH_POINTS - 1))
-        step_alpha[active] *= shrink
-        step_beta[active] *= shrink
-    return {"A": A, "alpha": alpha, "beta": beta, "D": D}
-
-
-def with_goodness(p, cells):
-    """Parameters as floats plus SSE (recomputed directly, not from the expanded quadratic) and R^2."""
-    p = {name: float(p[name]) for name in PARAMS}
-    residual = law(p, cells.N, cells.V) - cells.error
-    sse = float(residual @ residual)
-    spread = cells.error - cells.error.mean()
-    total = float(spread @ spread)  # 0 only in a bootstrap resample of identical errors: R^2 undefined
-    return {**p, "ratio": p["alpha"] / p["beta"] if p["beta"] > 0 else math.inf,
-            "sse": sse, "r2": 1 - sse / total if total > 0 else math.nan}
-
-
-def fit_law(cells, box):
-    one = fit_continuous(cells, box, np.ones((len(cells.N), 1)))
-    return with_goodness({name: values[0] for name, values in one.items()}, cells)
-
-
-def on_edge(p, box):
-    """{parameter: "lower" or "upper"} for every value sitting on an edge of its range."""
-    edges = {}
-    for name in PARAMS:
-        lo, hi, _ = box[name]
-        for side, bound in (("lower", lo), ("upper", hi)):
-            if abs(p[name] - bound) <= 1e-6 * (hi - lo):
-                edges[name] = side
-    return edges
-
-
-def edge_warnings(p, box, label):
-    """An optimum on the box's edge is the box's answer, not the data's: say so."""
-    warnings = []
-    for name, side in on_edge(p, box).items():
-        lo, hi, _ = box[name]
-        why = (f"widen it with --range {name}=LO:HI" if not (name == "D" and side == "lower") else
-               "the fit would push the irreducible error below 0, which is meaningless (left free, the law "
-               "degenerates to a log-linear one with alpha -> 0 and a huge A), so D is held at 0")
-        warnings.append(f"{label}: {name} = {p[name]:.4g} sits on the {side} edge of its range [{lo:g}, {hi:g}]; {why}")
-    return warnings
-
-
-# -----------------------------------------------------------------------------
-# bootstrap: resample the cells with replacement, refit each resample
-
-def identifiable(cells, idx):
-    """Per resample (row of idx): two N, two V and four distinct cells, as check_identifiable asks of the data."""
-    N, V, ordered = cells.N[idx], cells.V[idx], np.sort(idx, axis=1)
-    distinct = (np.diff(ordered, axis=1) != 0).sum(1) + 1
-    return (N != N[:, :1]).any(1) & (V != V[:, :1]).any(1) & (distinct >= len(PARAMS))
-
-
-def bootstrap_weights(cells, resamples, seed):
-    """Resamples as counts per cell (n, resamples); ones that cannot identify the law are drawn again."""
-    rng, n = np.random.default_rng(seed), len(cells.N)
-    idx = rng.integers(0, n, (resamples, n))
-    for _ in range(1000):
-        bad = ~identifiable(cells, idx)
-        if not bad.any():
-            break
-        idx[bad] = rng.integers(0, n, (bad.sum(), n))
-    else:
-        raise BadInput(f"{cells.source}: too few cells to bootstrap (resamples keep losing an N or a V); use --bootstrap 0")
-    W = np.zeros((n, resamples))
-    np.add.at(W, (idx, np.arange(resamples)[:, None]), 1)
-    return W
-
-
-def seed_weights(cells, W, seed):
-    """Cell draws W (cells, resamples) -> weights on cells.seeds: a cell drawn c times draws c x k
-    of its k seeds with replacement, each weighing 1/k. Least squares on these weights is the fit
-    to the drawn cells' means of drawn seeds (the squared distance to k points weighing 1/k each is
-    the distance to their mean plus a constant), so one weighted fit per resample does it."""
-    rng = np.random.default_rng([seed, 1])
-    weights = np.zeros((len(cells.seeds.N), W.shape[1]))
-    for j in range(len(cells.N)):
-        mine = np.flatnonzero(cells.seed_cell == j)
-        weights[mine] = rng.multinomial(W[j].astype(int) * len(mine), np.full(len(mine), 1 / len(mine))).T / len(mine)
-    return weights
-
-
-def bootstrap(cells, box, resamples, seed, chunk=100):
-    W = bootstrap_weights(cells, resamples, seed)
-    if cells.seeds is not None:  # the intervals include the training noise: each drawn cell redraws its seeds
-        cells, W = cells.seeds, seed_weights(cells, W, seed)
-    fits = []
-    with tqdm(total=resamples, desc="bootstrap", unit="fit", leave=False) as bar:
-        for start in range(0, resamples, chunk):  # chunks bound the (grid x resamples) arrays to ~10 MB each
-            fits.append(fit_continuous(cells, box, W[:, start:start + chunk]))
-            bar.update(fits[-1]["A"].size)
-    boot = {name: np.concatenate([f[name] for f in fits]) for name in PARAMS}
-    with np.errstate(divide="ignore"):
-        boot["ratio"] = np.where(boot["beta"] > 0, boot["alpha"] / boot["beta"], np.inf)
-    return boot
-
-
-def interval(samples):
-    """95% percentile interval; actual sample values, so discrete V stays in its set and inf stays inf."""
-    return [float(q) for q in np.quantile(samples, [0.025, 0.975], method="inverted_cdf")]
-
-
-# -----------------------------------------------------------------------------
-# compute-optimal analysis
-
-def inference_flops(N, V, Q, G):
-    return 2e9 * N * (Q + V + G)
-
-
-def optimal_tokens_continuous(alpha, beta, Q, G):
-    """Budget-free optimal V. At fixed FLOPs, N = F / 2(Q + V + G), so error - D is proportional to
-    (Q + V + G)^alpha V^-beta, smallest at V = beta (Q + G) / (alpha - beta); clipped to [1, 576]."""
-    alpha, beta = np.asarray(alpha, float), np.asarray(beta, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(alpha > beta, beta * (Q + G) / (alpha - beta), np.inf)  # alpha <= beta: tokens always pay
-    return np.clip(v, VALID_TOKENS[0], VALID_TOKENS[-1])
-
-
-def optimal_tokens_valid(alpha, beta, Q, G):
-    """The best V the compressor can produce, by the same budget-free criterion."""
-    V = VALID_TOKENS[:, None]
-    cost = np.atleast_1d(alpha)[None] * np.log(Q + G + V) - np.atleast_1d(beta)[None] * np.log(V)
-    return VALID_TOKENS[cost.argmin(0)]
-
-
-def best_config(p, budgets, Q, G):
-    """Lowest predicted error within each budget: for each valid V the largest N in range it affords."""
-    V = VALID_TOKENS[:, None]
-    N = np.minimum(N_RANGE[1], np.atleast_1d(budgets)[None] / inference_flops(1, V, Q, G))
-    error = np.where(N >= N_RANGE[0], law(p, N, V), np.inf)
-    k, columns = error.argmin(0), np.arange(N.shape[1])
-    return N[k, columns], VALID_TOKENS[k], error[k, columns]
-
-
-def optimal_tokens_table(fit, boot, G):
-    rows = []
-    for Q in TEXT_LENGTHS:
-        row = {"text_tokens": Q, "v_star": float(optimal_tokens_continuous(fit["alpha"], fit["beta"], Q, G)),
-               "best_valid_v": int(optimal_tokens_valid(fit["alpha"], fit["beta"], Q, G)[0])}
-        if boot is not None:
-            row["v_star_ci"] = interval(optimal_tokens_continuous(boot["alpha"], boot["beta"], Q, G))
-            row["best_valid_v_ci"] = [int(v) for v in interval(optimal_tokens_valid(boot["alpha"], boot["beta"], Q, G))]
-        rows.append(row)
-    return rows
-
-
-def budget_query(fit, budget, Q, G):
-    N, V, error = (a[0] for a in best_config(fit, budget, Q, G))
-    if not np.isfinite(error):
-        smallest = inference_flops(N_RANGE[0], VALID_TOKENS[0], Q, G)
-        raise BadInput(f"--budget {budget:g} FLOPs is below the cheapest configuration ({N_RANGE[0]:g}B LLM, "
-                       f"1 visual token, Q = {Q}, G = {G}): {smallest:.3g} FLOPs")
-    return {"budget": budget, "text_tokens": Q, "generated_tokens": G, "params_b": float(N), "tokens": int(V),
-            "predicted_error": float(error), "flops_used": float(inference_flops(N, V, Q, G))}
-
-
-def holdout_largest(cells, box):
-    """Fit without the largest LLM, predict it: the paper's check (0.5B-7B predicting 14B within 2%)."""
-    largest = cells.N.max()
-    train, test = cells.subset(cells.N < largest), cells.subset(cells.N == largest)
-    check_identifiable(train, f" without N = {largest:g}")
-    fit = fit_law(train, box)
-    predicted = law(fit, test.N, test.V)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a perfect score (error 0) has no relative error
-        relative = np.abs(predicted - test.error) / test.error
-    return {"held_out_params_b": float(largest), "fit": fit,
-            "mean_relative_error": float(relative.mean()), "max_relative_error": float(relative.max()),
-            "cells": [{"tokens": float(v), "observed_error": float(o), "predicted_error": float(e), "relative_error": float(r)}
-                      for v, o, e, r in zip(test.V, test.error, predicted, relative)]}
-
-
-# -----------------------------------------------------------------------------
 # plots
 
 def save_plots(cells, fit, boot, G, out_dir):
+    """Each figure as .png and .pdf; returns the .png paths."""
     import matplotlib  # here, not at the top: --no-plots runs skip its ~1 s import
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    for Q in PLOTTED_TEXT_LENGTHS:
-        fig = plot_error_vs_flops(plt, cells, fit, boot, Q, G)
-        paths += save_figure(plt, fig, out_dir / f"scaling_q{Q}")
-    paths += save_figure(plt, plot_optimal_tokens(plt, fit, boot, G), out_dir / "optimal_tokens")
-    return paths
-
-
-def save_figure(plt, fig, stem):
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return paths
+    figures = {f"scaling_q{Q}": plot_error_vs_flops(plt, cells, fit, boot, Q, G) for Q in PLOTTED_TEXT_LENGTHS}
+    figures["optimal_tokens"] = plot_optimal_tokens(plt, fit, boot, G)
+    for stem, fig in figures.items():
+        for suffix in (".png", ".pdf"):
+            fig.savefig(out_dir / f"{stem}{suffix}", dpi=150)
+        plt.close(fig)
+    return [out_dir / f"{stem}.png" for stem in figures]
 
 
 def marker_size(V):
@@ -685,9 +359,10 @@ def output_dir(path):
     return Path(path)
 
 
-def warn(message, warnings):
-    print(f"warning: {message}", file=sys.stderr)
-    warnings.append(message)
+def warn(warnings, *messages):
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
+        warnings.append(message)
 
 
 def run(args):
@@ -695,9 +370,8 @@ def run(args):
     warnings = []
     out_dir = output_dir(args.output_dir)
     cells, load_warnings = load_cells(PAPER_DATA[args.paper] if args.paper else args.scores, args.suite, args.compressor)
-    for message in load_warnings:
-        warn(message, warnings)
-    box = search_box(args.range)
+    warn(warnings, *load_warnings)
+    box = {**PAPER_BOX, **{name: (lo, hi, PAPER_BOX[name][2]) for name, lo, hi in args.range}}  # ends only
     print(f"data: {cells.source}: {len(cells.N)} cells, N = {', '.join(f'{n:g}' for n in np.unique(cells.N))} B, "
           f"V = {', '.join(f'{v:g}' for v in np.unique(cells.V))}"
           + (f", benchmarks: {', '.join(cells.benchmarks)}" if cells.benchmarks else ""))
@@ -712,8 +386,7 @@ def run(args):
     print(f"grid optimum ({grid_points:,} points, the release's number): {describe(grid)}")
     print(f"refined (continuous, fit.json's top level):    {describe(fit)}")
     print(f"fit time: {fit_seconds:.3f} s")
-    for message in edge_warnings(grid, box, "grid optimum") + edge_warnings(fit, box, "refined fit"):
-        warn(message, warnings)
+    warn(warnings, *edge_warnings(grid, box, "grid optimum"), *edge_warnings(fit, box, "refined fit"))
 
     # bootstrap
     boot = None
@@ -724,8 +397,8 @@ def run(args):
         print(f"bootstrap: {args.bootstrap} resamples of the {len(cells.N)} cells{seeds} in {time.perf_counter() - start:.2f} s; "
               "95% intervals:")
         for name in PARAMS + ("ratio",):
-            label = "alpha/beta" if name == "ratio" else name
-            print(f"  {label:<10} {fit[name]:.4g}  [{interval(boot[name])[0]:.4g}, {interval(boot[name])[1]:.4g}]")
+            (lo, hi), label = interval(boot[name]), "alpha/beta" if name == "ratio" else name
+            print(f"  {label:<10} {fit[name]:.4g}  [{lo:.4g}, {hi:.4g}]")
 
     # compute-optimal analysis
     G = args.generated_tokens
@@ -744,7 +417,8 @@ def run(args):
               f"V = {budget['tokens']}, predicted error {budget['predicted_error']:.4f} "
               f"(uses {budget['flops_used']:.3g} FLOPs)")
         if budget["params_b"] == N_RANGE[1]:
-            warn(f"the budget affords more than the largest LLM considered ({N_RANGE[1]:g}B): its leftover goes to tokens", warnings)
+            warn(warnings, f"the budget affords more than the largest LLM considered ({N_RANGE[1]:g}B): "
+                           "its leftover goes to tokens")
     if N_RANGE[1] > cells.N.max():
         print(f"note: the analysis goes up to N = {N_RANGE[1]:g}B; above {cells.N.max():g}B it extrapolates the law")
 
@@ -758,13 +432,11 @@ def run(args):
                   f"{c['predicted_error']:.4f}, relative error {100 * c['relative_error']:.2f}%")
         print(f"  mean relative error {100 * holdout['mean_relative_error']:.2f}%, "
               f"max {100 * holdout['max_relative_error']:.2f}%")
-        for message in edge_warnings(holdout["fit"], box, "holdout fit"):
-            warn(message, warnings)
+        warn(warnings, *edge_warnings(holdout["fit"], box, "holdout fit"))
 
     # plots
     if not args.no_plots:
-        paths = save_plots(cells, fit, boot, G, out_dir)
-        print(f"plots: {', '.join(str(p) for p in paths if p.suffix == '.png')} (and .pdf)")
+        print(f"plots: {', '.join(map(str, save_plots(cells, fit, boot, G, out_dir)))} (and .pdf)")
 
     # save
     result = {**fit, "grid": grid, "fit_seconds": fit_seconds, "source": cells.source, "n_cells": len(cells.N),

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -31,24 +32,27 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
+import constants
 import conversation
 import quecc
 import vlm
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
+VISION = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's tower
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def parse_args(stage):
     p = argparse.ArgumentParser(description=stage["description"])
     p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
-    p.add_argument("--vision", default="openai/clip-vit-large-patch14-336", help="hub name, directory, or toy")
+    p.add_argument("--vision", default=VISION, help="hub name, directory, or toy")
     p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
     p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
-    p.add_argument("--data", required=True, help="LLaVA-format JSON or JSONL")
-    p.add_argument("--image-folder", default=".")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--projector", help="output directory of stage 1 to start the projector from")
+    p.add_argument("--data", default=stage["data"], help="LLaVA-format JSON or JSONL")
+    p.add_argument("--image-folder", default=stage["image_folder"])
+    p.add_argument("--output-dir", help=f"default runs/LLM-COMPRESSOR-vTOKENS/{stage['output']} (LLM: the last part of --llm)")
+    p.add_argument("--projector", help="output directory of stage 1 to start the projector from (stage 2's "
+                   "default: the stage1 folder next to --output-dir); 'none': a fresh projector")
     p.add_argument("--lr", type=float, default=stage["lr"])
     p.add_argument("--projector-lr", type=float, help="projector learning rate when it differs (LoRA: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -95,6 +99,8 @@ def parse_args(stage):
     if args.qlora and not args.lora:
         args.lora = 64  # QLoRA's usual rank
     args.train_llm = stage["train_llm"]
+    fill_defaults(args, stage)
+    check_output_dir(p, args)
     if args.lora and not args.train_llm:
         p.error("--lora/--qlora train the LLM; stage 1 trains the projector only")
     if args.standardize_features and args.projector:
@@ -116,6 +122,9 @@ def check_values(p, args):
         p.error(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
+
+
+def check_output_dir(p, args):
     if args.show_samples:
         return  # writes nothing
     if os.path.isfile(args.output_dir):
@@ -125,6 +134,29 @@ def check_values(p, args):
         tempfile.TemporaryFile(dir=args.output_dir).close()
     except OSError as e:
         p.error(f"--output-dir {args.output_dir} is not writable ({e.strerror})")
+
+
+def fill_defaults(args, stage):
+    """The command as typed (`02_finetune.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4`) runs on LLaVA's
+    layout under data/ (README 'Data') and writes runs/Qwen1.5-7B-Chat-quecc-v4/stage2, starting from
+    the stage1 folder next to it. Missing data or a missing stage 1 stop here, before a model loads."""
+    run = os.path.join("runs", f"{os.path.basename(os.path.normpath(args.llm))}-{args.compressor}-v{args.tokens}")
+    args.output_dir = args.output_dir or os.path.join(run, stage["output"])
+    for path, kind in ((args.data, "data file"), (args.image_folder, "image folder")):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (README 'Data')")
+    if args.train_llm and args.projector is None:
+        stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
+        if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
+            command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
+            command += ["--vision", args.vision] if args.vision != VISION else []
+            command += ["--compressor", args.compressor] if args.compressor != "quecc" else []
+            command += ["--output-dir", stage1] if stage1 != os.path.join(run, "stage1") else []
+            raise SystemExit(f"error: no stage-1 projector in {stage1}; run stage 1 first: {shlex.join(command)} "
+                             "(or --projector DIR; --projector none starts from a fresh projector)")
+        args.projector = stage1
+    if args.projector == "none":
+        args.projector = None
 
 
 # ---------------------------------------------------------------- distributed
@@ -372,17 +404,17 @@ def build_model(args, device):
 def drop_undecodable(records, args, cache, failed, say):
     """Records whose image passed the header check but could not be decoded into the feature
     cache: refused by name, or skipped with --skip-bad-samples. failed: {path: why} (rank 0)."""
-    kept = []
-    for record in records:
+    bad = set()
+    for index, record in enumerate(records):
         path = os.path.join(args.image_folder, record["image"]) if "image" in record else None
         if path is None or cache.cached(path):
-            kept.append(record)
             continue
         problem = f"{conversation.record_name(args.data, None, record)}: {failed.get(path, f'cannot decode {path}')}"
         if not args.skip_bad_samples:
             raise SystemExit(f"error: {problem} (or pass --skip-bad-samples)")
         say(f"skipping {problem}")
-    return kept
+        bad.add(index)
+    return [record for index, record in enumerate(records) if index not in bad] if bad else records
 
 
 STANDARDIZE_IMAGES = 256
@@ -438,12 +470,37 @@ def show_samples(args):
         except ValueError as e:
             raise conversation.BadSample(f"{conversation.record_name(args.data, index, record)}: {e}") from None
         ids, labels = sample["input_ids"], sample["labels"]
-        text = "".join(decode(list(group)) if key else vlm.IMAGE_TOKEN
-                       for key, group in itertools.groupby(ids, lambda i: i != vlm.IMAGE_SLOT))
+        text = "".join(decode(list(group)) if key else constants.IMAGE_TOKEN
+                       for key, group in itertools.groupby(ids, lambda i: i != constants.IMAGE_SLOT))
         targets = [decode([ids[i] for i, _ in group]) for labelled, group in
-                   itertools.groupby(enumerate(labels), lambda pair: pair[1] != vlm.IGNORE) if labelled]
+                   itertools.groupby(enumerate(labels), lambda pair: pair[1] != constants.IGNORE) if labelled]
         query = decode(sample["query_ids"]) if args.compressor == "quecc" else None
         print(json.dumps(dict(id=record.get("id"), text=text, targets=targets, query=query)))
+
+
+RECORDS_DIR = "records"  # in the output directory while training runs
+
+
+def load_data(args, rank, say):
+    """Rank 0 reads and validates the data, once for all ranks, and writes the records training
+    takes to OUTPUT/records/; every rank then maps that file (conversation.RecordFile). An error
+    reaches every rank, so none waits for rank 0 forever."""
+    directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
+    if rank == 0:
+        try:
+            records = conversation.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+            conversation.write_records((text for _, text in records), directory)
+        except (conversation.BadSample, OSError) as e:
+            error = f"error: {e}"
+    if dist.is_initialized():
+        shared = [error]
+        dist.broadcast_object_list(shared)
+        error = shared[0]
+        if error:  # a clean exit: a live process group aborts the process on its way out
+            dist.destroy_process_group()
+    if error:
+        raise SystemExit(error)
+    return conversation.RecordFile(directory)
 
 
 def main(stage):
@@ -464,8 +521,10 @@ def main(stage):
     if prepare_output_dir(args, rank):
         say(f"{args.output_dir} holds this run, finished; nothing to do")
         return end_distributed()
+    with vlm.loading("vision tower", args.vision):
+        grid = vlm.vision_grid(args.vision)  # its config alone
     try:  # a token count the compressor cannot make, refused before the models load
-        quecc.check_token_count(args.tokens, vlm.vision_grid(args.vision), args.compressor)
+        quecc.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -488,10 +547,7 @@ def main(stage):
         model.to(device)
     else:
         model.vision.to(device), model.projector.to(device)
-    try:
-        records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-    except (conversation.BadSample, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    records = load_data(args, rank, say)
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         import features
@@ -564,7 +620,7 @@ def main(stage):
         # all ranks). Each micro-batch's mean would weight short answers up and make the result
         # depend on how the batch is split; this way it does not. FSDP averages gradients over
         # ranks, hence the factor `world`.
-        label_tokens = all_reduce_sum(sum((b["labels"] != vlm.IGNORE).sum().item() for b in micro), device)
+        label_tokens = all_reduce_sum(sum((b["labels"] != constants.IGNORE).sum().item() for b in micro), device)
         if not label_tokens:  # every sample skipped: a step of loss 0 would be logged as learning
             raise SystemExit(f"error: step {step + 1}: no sample of the global batch has an answer token left")
         lr_scale = [lr_at(step, total_steps, warmup, g["base_lr"]) for g in optimizer.param_groups]
@@ -611,6 +667,8 @@ def main(stage):
 
     # ---- save
     save_final(model, tokenizer, args, rank)
+    if rank == 0:
+        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR))
     say(f"saved {args.output_dir}")
     end_distributed()
 

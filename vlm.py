@@ -7,6 +7,7 @@ image samples is one masked scatter.
 """
 import json
 import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 import warnings
@@ -19,15 +20,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcesso
                           CLIPVisionModel)
 
 import toy
+from constants import IGNORE, IMAGE_SLOT
 from quecc import Projector, key_layers
 
 # VLM.forward asks for hidden states; under FSDP the first (the embedding output) comes back as a
 # view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
-IMAGE_TOKEN = "<image>"  # the placeholder in LLaVA's data
-IMAGE_SLOT = -200  # input id of a visual-token position (LLaVA's IMAGE_TOKEN_INDEX)
-IGNORE = -100  # label of a position that carries no loss
 SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP
 CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
 
@@ -124,20 +123,28 @@ class VLM(nn.Module):
         self._pending = None
         return output.masked_scatter(slots[..., None], visual.to(output.dtype))
 
-    def llm_input_ids(self, input_ids, visual):
-        """Arm the hook with `visual` (B_img, V, d) and return ids the embedding can look up."""
+    @contextmanager
+    def armed(self, input_ids, visual):
+        """Arm the embedding hook with `visual` (B_img, V, d) for the LLM forward run inside the
+        `with`: -> ids the embedding can look up. Disarmed on exit, whatever happened."""
         slots = input_ids == IMAGE_SLOT
         self._pending = (slots, visual) if visual is not None else None
-        return input_ids.masked_fill(slots, 0)
+        try:
+            yield input_ids.masked_fill(slots, 0)
+        finally:
+            self._pending = None
 
-    def prepare(self, input_ids, query_ids, query_mask, has_image, pixel_values=None, features=None):
-        """Question embedding and visual tokens for a batch -> the ids to run the LLM on (hook armed)."""
+    @contextmanager
+    def inputs(self, input_ids, query_ids, query_mask, has_image, pixel_values=None, features=None):
+        """The one way in, for training and generation alike: the question embedding and visual
+        tokens of a batch, then the ids to run the LLM on, the hook armed inside the `with`."""
         question = visual = None
         if self.projector.needs_question:  # every sample, so FSDP ranks run the LLM alike
             question = self.question_embedding(query_ids, query_mask)[has_image]
         if has_image.any():
             visual = self.visual_tokens(pixel_values, question, features)
-        return self.llm_input_ids(input_ids, visual)
+        with self.armed(input_ids, visual) as ids:
+            yield ids
 
     def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
                 pixel_values=None, features=None):
@@ -145,13 +152,13 @@ class VLM(nn.Module):
         can be normalised over a whole global batch, however it is split.
         Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
         visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
-        ids = self.prepare(input_ids, query_ids, query_mask, has_image, pixel_values, features)
         # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
         # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
         # final hidden states after the last norm, its own head on one position only. The head
         # runs below, on the label positions.
-        hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
-                          logits_to_keep=1).hidden_states[-1]
+        with self.inputs(input_ids, query_ids, query_mask, has_image, pixel_values, features) as ids:
+            hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
+                              logits_to_keep=1).hidden_states[-1]
         targets = labels[:, 1:]
         at_label = targets != IGNORE  # position t predicts label t + 1
         loss = label_loss(self.llm.get_output_embeddings(), hidden[:, :-1][at_label], targets[at_label])
@@ -180,17 +187,30 @@ def label_loss(head, hidden, targets):
 def generate(model, tokenizer, batch, max_new_tokens=128):
     """Greedy answers (LLaVA-1.5 evaluation: temperature 0, one beam) for a left-padded batch
     from conversation.collate(..., left=True). -> list of strings."""
-    input_ids = model.prepare(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
-                              batch.get("pixel_values"), batch.get("features"))
-    out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
-                             num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
+                      batch.get("pixel_values"), batch.get("features")) as input_ids:
+        out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
+                                 num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     return [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+
+
+@contextmanager
+def loading(what, name):
+    """A model that cannot be loaded (a wrong name, no network, a gated repository, a folder that
+    holds no model: Hugging Face raises OSError for each) stops with one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot load the {what} {name}: {reason}") from None
 
 
 def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_config=None):
     """Everything from names -> (VLM, tokenizer, image_processor)."""
-    llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
-    vision, image_processor = load_vision(vision_name)
+    with loading("LLM", llm_name):
+        llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
+    with loading("vision tower", vision_name):
+        vision, image_processor = load_vision(vision_name)
     return assemble(llm, vision, tokens, compressor, llm_name, vision_name), tokenizer, image_processor
 
 
@@ -258,7 +278,7 @@ def load_pretrained(directory, dtype=None):
     """An output directory of 01/02 -> (VLM, tokenizer, image_processor), ready for inference."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
+        raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
     with open(path) as f:
         config = json.load(f)
     llm_name = os.path.join(directory, config["llm_dir"]) if "llm_dir" in config else config["llm"]

@@ -14,12 +14,10 @@ early cannot flatter a row.
 """
 import time
 
-import torch
+from common import (QUESTION, build_model, common_args, describe_llm, int_list, machine, print_table, setup,
+                    swap_projector, test_images, time_round_robin, timing_rounds, write_json)
 
-from bench_prefill import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup,
-                           swap_projector, test_images, time_round_robin, write_json)
-
-import conversation  # noqa: E402  (bench_prefill put the repository on the path)
+import conversation  # noqa: E402  (common put the repository on the path)
 import vlm  # noqa: E402
 
 
@@ -37,16 +35,13 @@ def make_batch(model, tokenizer, images, image_processor, question, device):
 def main():
     p = common_args(__doc__.split("\n")[0])
     p.add_argument("--compressor", default="quecc")
-    p.add_argument("--tokens", default="1,576", help="V values")
-    p.add_argument("--batches", default="1,8", help="images per generate call")
+    p.add_argument("--tokens", type=int_list, default="1,576", help="V values")
+    p.add_argument("--batches", type=int_list, default="1,8", help="images per generate call")
     p.add_argument("--new-tokens", type=int, default=16, help="G, tokens generated per answer")
     p.add_argument("--question", default=QUESTION)
-    args = p.parse_args()
-    setup(args)
-    rounds = args.rounds or (10 if args.device.startswith("cuda") else 5)
-    vs = [int(x) for x in args.tokens.split(",")]
-    bs = [int(x) for x in args.batches.split(",")]
-    g = args.new_tokens
+    args = setup(p)
+    rounds = timing_rounds(args, 10, 5)
+    vs, bs, g = args.tokens, args.batches, args.new_tokens
     model, tokenizer, image_processor = build_model(args, vs[0], args.compressor)
     info = machine(args)
     llm = describe_llm(args.llm, model.llm)

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # not through common.py: this bench needs no torch
+import scaling_law as sl  # noqa: E402
+
 spec = importlib.util.spec_from_file_location("fit_scaling", ROOT / "04_fit_scaling.py")
 fs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fs)
@@ -34,7 +38,7 @@ spec.loader.exec_module(fs)
 
 def release_grid(seed):
     """The release's grid, built and shuffled the way it does it."""
-    a, b, c, d = (np.linspace(lo, hi, points) for lo, hi, points in fs.PAPER_BOX.values())
+    a, b, c, d = (np.linspace(lo, hi, points) for lo, hi, points in sl.PAPER_BOX.values())
     grid = np.array(np.meshgrid(a, b, c, d)).T.reshape(-1, 4)
     np.random.default_rng(seed).shuffle(grid)
     return grid
@@ -80,8 +84,8 @@ def time_ours(cells, repeats):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        grid = fs.fit_full_grid(cells, fs.PAPER_BOX)
-        fit = fs.fit_law(cells, fs.PAPER_BOX)
+        grid = sl.fit_full_grid(cells, sl.PAPER_BOX)
+        fit = sl.fit_law(cells, sl.PAPER_BOX)
         times.append(time.perf_counter() - start)
     return times, grid, fit
 
@@ -94,7 +98,7 @@ def main():
     args = p.parse_args()
 
     cells, _ = fs.load_cells(fs.PAPER_DATA["reasoning"], None, None)
-    points = int(np.prod([b[2] for b in fs.PAPER_BOX.values()]))
+    points = int(np.prod([b[2] for b in sl.PAPER_BOX.values()]))
     start = time.perf_counter()
     sample = release_grid(seed=0)[:args.sample]
     grid_build = time.perf_counter() - start

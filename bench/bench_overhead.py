@@ -7,7 +7,7 @@ Per image (batch --batch), timed separately and round-robin:
   projector  the compressor + mlp2x_gelu
   prefill    the LLM over the whole prompt (template + question + V visual tokens)
 and each as a fraction of their sum. `static` is the total without the query pass: what a
-static prompt costs per image (static_query.py computes the question's embedding once; with
+static prompt costs per image (generate.StaticQuery computes the question's embedding once; with
 the question before the image it also skips the prompt's text, see bench_static_query.py).
 The compressors run at --tokens V (default 1); `mlp`, LLaVA's uncompressed projector, always
 at 576. Projector weights are random: cost does not depend on them.
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from bench_prefill import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup,
-                           swap_projector, test_images, time_round_robin, write_json)
+from common import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup, swap_projector,
+                    test_images, time_round_robin, timing_rounds, write_json)
 
-import conversation  # noqa: E402  (bench_prefill put the repository on the path)
+import conversation  # noqa: E402  (common put the repository on the path)
 
 STAGES = ("vision", "query", "projector", "prefill")
 
@@ -41,7 +41,8 @@ def stage_calls(model, tokenizer, pixels, question):
 
     def prefill():
         with torch.no_grad():
-            model.llm(input_ids=model.llm_input_ids(ids, visual), attention_mask=mask, logits_to_keep=1)
+            with model.armed(ids, visual) as armed_ids:
+                model.llm(input_ids=armed_ids, attention_mask=mask, logits_to_keep=1)
 
     projector = model.projector  # the model's projector is swapped for the next compressor later
 
@@ -64,9 +65,8 @@ def main():
     p.add_argument("--tokens", type=int, default=1, help="V for the compressing projectors (mlp: always 576)")
     p.add_argument("--question", default=QUESTION)
     p.add_argument("--batch", type=int, default=1)
-    args = p.parse_args()
-    setup(args)
-    rounds = args.rounds or (20 if args.device.startswith("cuda") else 9)
+    args = setup(p)
+    rounds = timing_rounds(args, 20, 9)
     compressors = args.compressors.split(",")
     model, tokenizer, image_processor = build_model(args, args.tokens, compressors[0])
     info = machine(args)

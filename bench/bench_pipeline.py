@@ -1,7 +1,7 @@
 """Benchmark: the whole pipeline at the real shapes, 2 processes on CPU, as a user runs it.
 
 Random-init Qwen1.5-0.5B and CLIP-L/336 shapes written like hub checkpoints
-(bench_train_step.save_real_shape_models: the real vocabulary of 151,936, the 24x24 grid,
+(common.save_real_shape_models: the real vocabulary of 151,936, the 24x24 grid,
 QueCC's key layers 12, 16, 22, 23), the toy world's images resized to 336 px. Each stage is
 run by torchrun with --processes processes: one optimizer step of stage 1, one of stage 2
 (the LLM sharded with FSDP2, its output consolidated), then one evaluation batch per process.
@@ -18,10 +18,9 @@ import sys
 import tempfile
 import time
 
-from bench_prefill import ROOT, print_table, write_json
-from bench_train_step import save_real_shape_models
+from common import ROOT, print_table, save_real_shape_models, write_json
 
-import vlm  # noqa: E402  (bench_prefill put the repository on the path)
+import vlm  # noqa: E402  (common put the repository on the path)
 
 
 def run_stage(name, script_args, processes):

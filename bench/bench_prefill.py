@@ -19,101 +19,22 @@ V = 1 on the machine at hand.
 The default LLM, `bench-wide`, is a toy-architecture Qwen2 (toy tokenizer) wide enough for
 its linear layers to dominate on a CPU: hidden 512, 4 layers, MLP 2048, 16M parameters;
 attention scores are 8% of the FLOPs at 626 tokens. Any toy preset, directory or hub name
-works too (--llm toy-l, --llm Qwen/Qwen1.5-0.5B-Chat with --device cuda). The bench scripts
-share this file's helpers and its presets (`--llm bench-wide` works in all of them).
+works too (--llm toy-l, --llm Qwen/Qwen1.5-0.5B-Chat with --device cuda). Its preset is
+common.py's (`--llm bench-wide` works in every bench script).
 
     python bench/bench_prefill.py --out out/bench_prefill.json --plot assets/why_one_token.png
 """
-import argparse
-import json
 import os
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import toy  # noqa: E402
-import vlm  # noqa: E402
-from quecc import Projector  # noqa: E402
+from common import (common_args, describe_llm, int_list, machine, print_table, setup, time_round_robin, timing_rounds,
+                    write_json)
+
+import vlm  # noqa: E402  (common put the repository on the path)
 
 TOKEN_COUNTS = (1, 4, 16, 36, 144, 576)
-# bench presets in toy's format (hidden, layers, heads, kv heads, mlp): linear layers dominate
-BENCH_PRESETS = {"bench-wide": (512, 4, 8, 4, 2048)}
-toy.LLM_SIZES.update(BENCH_PRESETS)  # so vlm.build / vlm.load_llm accept them like toy presets
-
-
-# ---------------------------------------------------------------- shared by the bench scripts
-
-def common_args(description, llm="bench-wide", vision="toy", models=True):
-    """models=False: a bench that builds its own models takes no --llm/--vision."""
-    p = argparse.ArgumentParser(description=description)
-    if models:
-        p.add_argument("--llm", default=llm, help="toy preset (toy, toy-xs/s/m/l, bench-wide), directory or hub name")
-        p.add_argument("--vision", default=vision, help="'toy', directory or hub name")
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: a busy, shared CPU times most stably on one; 0 = torch's default)")
-    p.add_argument("--rounds", type=int, default=0, help="timing rounds (0 = the script's default)")
-    return p
-
-
-def setup(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    args.torch_dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                              else torch.float32)
-    torch.manual_seed(0)
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_round_robin(calls, rounds, device, warmup=1):
-    """calls: {key: fn}. Each round calls every fn once, in order; -> {key: median ms}."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    sync(device)
-    samples = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            samples[key].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(values) for key, values in samples.items()}
-
-
-def machine(args):
-    info = dict(device=args.device, dtype=str(args.torch_dtype).replace("torch.", ""),
-                torch=torch.__version__, python=platform.python_version())
-    if args.device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        info.update(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                    threads=torch.get_num_threads())
-    return info
-
-
-def describe_llm(name, llm):
-    c = llm.config
-    params = sum(p.numel() for p in llm.parameters())
-    embedding = llm.get_input_embeddings().weight.numel()
-    text = (f"{name}: {params / 1e6:.1f}M parameters ({(params - embedding) / 1e6:.1f}M outside the embedding), "
-            f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, MLP {c.intermediate_size}")
-    return dict(name=name, params=params, non_embedding_params=params - embedding, hidden=c.hidden_size,
-                layers=c.num_hidden_layers, intermediate=c.intermediate_size, text=text)
 
 
 def attention_share(llm, tokens):
@@ -122,57 +43,6 @@ def attention_share(llm, tokens):
     linear = 2 * tokens * (sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel())
     attention = 2 * c.num_hidden_layers * tokens * tokens * c.hidden_size  # 2 matmuls x 2 FLOPs x T^2/2
     return attention / (linear + attention)
-
-
-def print_table(headers, rows):
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-
-
-QUESTION = ("Is there a shape at the top left of the image, and what colour is it? How many shapes are there? "
-            "Answer the question using a single word or phrase.")  # 52 prompt tokens with the toy tokenizer
-
-
-def build_model(args, tokens, compressor):
-    """vlm.build on the chosen device and dtype, eval mode."""
-    model, tokenizer, image_processor = vlm.build(args.llm, args.vision, tokens, compressor, args.torch_dtype)
-    return model.to(device=args.device, dtype=args.torch_dtype).eval(), tokenizer, image_processor
-
-
-def swap_projector(model, compressor, tokens):
-    """Give the model another (random) projector, keeping its LLM and vision tower: one LLM in
-    memory for every compressor."""
-    c = model.config
-    old = next(model.projector.parameters())
-    model.projector = Projector(compressor, tokens, c["grid"], c["vision_width"], c["llm_width"],
-                                len(c["key_layers"])).to(device=old.device, dtype=old.dtype).eval()
-    model.config = dict(c, tokens=tokens, compressor=compressor)
-    return model
-
-
-def test_images(image_processor, count, seed=0):
-    """Synthetic scenes (a coloured square on a coloured ground), as PIL images."""
-    from PIL import Image, ImageDraw
-    generator = torch.Generator().manual_seed(seed)
-    side = image_processor.crop_size["height"]
-    images = []
-    for _ in range(count):
-        colours = [tuple(torch.randint(0, 256, (3,), generator=generator).tolist()) for _ in range(2)]
-        x, y = torch.randint(0, side * 2 // 3, (2,), generator=generator).tolist()
-        image = Image.new("RGB", (side, side), colours[0])
-        ImageDraw.Draw(image).rectangle((x, y, x + side // 3, y + side // 3), fill=colours[1])
-        images.append(image)
-    return images
-
-
-def write_json(path, result):
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
 
 
 # ---------------------------------------------------------------- prefill
@@ -282,16 +152,15 @@ def target(rows):
 
 def main():
     p = common_args(__doc__.split("\n")[0])
-    p.add_argument("--text-tokens", default="0,50", help="Q values, comma-separated")
-    p.add_argument("--tokens", default=",".join(map(str, TOKEN_COUNTS)), help="V values; must include 576")
+    p.add_argument("--text-tokens", type=int_list, default="0,50", help="Q values, comma-separated")
+    p.add_argument("--tokens", type=int_list, default=",".join(map(str, TOKEN_COUNTS)),
+                   help="V values; must include 576")
     p.add_argument("--batch", type=int, default=1, help="images per call for the latency table (`rows`)")
     p.add_argument("--throughput-batch", type=int, default=8,
                    help="images per call for the throughput table (0 = skip it)")
     p.add_argument("--plot", help="write a PNG of measured against predicted speed-up")
-    args = p.parse_args()
-    setup(args)
-    qs = [int(x) for x in args.text_tokens.split(",")]
-    vs = [int(x) for x in args.tokens.split(",")]
+    args = setup(p)
+    qs, vs = args.text_tokens, args.tokens
     if 576 not in vs:
         p.error("--tokens must include 576, the reference")
     gpu = args.device.startswith("cuda")
@@ -304,13 +173,13 @@ def main():
     print(model["text"] + f"; attention is {100 * model['attention_share_at_626_tokens']:.0f}% "
           f"of the FLOPs at 626 tokens\n{info}")
 
-    rounds = args.rounds or (20 if gpu else 7)
+    rounds = timing_rounds(args, 20, 7)
     rows = measure(llm, args, qs, vs, args.batch, rounds)
     result = dict(benchmark="prefill", model=model, machine=info, batch=args.batch, rounds=rounds, rows=rows,
                   target_q50_v1=target(rows), gemm_ceiling=gemm_ceiling(llm, args, rounds))
     panels = [(f"latency: batch {args.batch}", rows)]
     if args.throughput_batch:
-        rounds_t = args.rounds or (20 if gpu else 5)
+        rounds_t = timing_rounds(args, 20, 5)
         rows_t = measure(llm, args, qs, vs, args.throughput_batch, rounds_t)
         result["throughput"] = dict(batch=args.throughput_batch, rounds=rounds_t, rows=rows_t,
                                     target_q50_v1=target(rows_t))

@@ -14,14 +14,11 @@ The answers of both paths are compared, too (tests/test_static_query.py checks i
 """
 import time
 
-import torch
+from common import (QUESTION, build_model, common_args, describe_llm, int_list, machine, print_table, setup,
+                    test_images, time_round_robin, timing_rounds, write_json)
 
-from bench_prefill import (QUESTION, build_model, common_args, describe_llm, machine, print_table, setup,
-                           test_images, time_round_robin, write_json)
-
-import conversation  # noqa: E402  (bench_prefill put the repository on the path)
-import vlm  # noqa: E402
-from static_query import StaticQuery, plain_answers  # noqa: E402
+import conversation  # noqa: E402  (common put the repository on the path)
+from generate import StaticQuery, plain_answers  # noqa: E402
 
 
 def main():
@@ -29,13 +26,11 @@ def main():
     p.add_argument("--compressor", default="quecc")
     p.add_argument("--tokens", type=int, default=1, help="V")
     p.add_argument("--images", type=int, default=8)
-    p.add_argument("--batches", default="1,8", help="images per generate call")
+    p.add_argument("--batches", type=int_list, default="1,8", help="images per generate call")
     p.add_argument("--new-tokens", type=int, default=4, help="G, tokens per answer (short answers: a camera's yes/no)")
     p.add_argument("--question", default=QUESTION)
-    args = p.parse_args()
-    setup(args)
-    rounds = args.rounds or (10 if args.device.startswith("cuda") else 4)
-    bs = [int(x) for x in args.batches.split(",")]
+    args = setup(p)
+    rounds, bs = timing_rounds(args, 10, 4), args.batches
     gs = sorted({1, args.new_tokens})
     model, tokenizer, image_processor = build_model(args, args.tokens, args.compressor)
     info = machine(args)

@@ -25,56 +25,30 @@ import ctypes
 import time
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 
-from bench_prefill import common_args, machine, print_table, setup, swap_projector, sync, write_json
+from common import (CLIP_L_336, QWEN1_5_0_5B, common_args, machine, print_table, real_shape_models, setup,
+                    swap_projector, sync, timing_rounds, write_json)
 
-import conversation  # noqa: E402  (bench_prefill put the repository on the path)
-import toy  # noqa: E402
+import constants  # noqa: E402  (common put the repository on the path)
+import conversation  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 
-QWEN1_5_0_5B = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
-                    intermediate_size=2816, vocab_size=151936, tie_word_embeddings=True,
-                    max_position_embeddings=32768, rope_theta=1e6, eos_token_id=2, pad_token_id=0)
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  patch_size=14, image_size=336, projection_dim=768)
 # (stage, V): text tokens before the image, after it (question, template), answer tokens (labels)
 SAMPLES = {1: (14, 14, 16), 2: (14, 98, 112)}
 SETTINGS = ((1, 4), (2, 4), (2, 576))
 
 
-def real_shape_models():
-    """-> (llm, vision): random-init Qwen1.5-0.5B and CLIP-L/336 shapes, fixed seed."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(**QWEN1_5_0_5B)), CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336))
-
-
-def save_real_shape_models(directory):
-    """DIR/llm and DIR/vision laid out like hub checkpoints (the LLM with the toy tokenizer, whose
-    ids all fall inside the real vocabulary), for the scripts that take --llm/--vision DIR."""
-    llm, vision = real_shape_models()
-    llm.save_pretrained(f"{directory}/llm")
-    toy.build_tokenizer().save_pretrained(f"{directory}/llm")
-    vision.save_pretrained(f"{directory}/vision")
-    size = CLIP_L_336["image_size"]
-    processor = toy.build_image_processor()
-    processor.size, processor.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
-    processor.save_pretrained(f"{directory}/vision")
-    return f"{directory}/llm", f"{directory}/vision"
-
-
 def all_positions_loss(model, batch):
     """The computation VLM.forward replaced (LLaVA's, the paper release's): logits at every
     position, then the loss where labels are. -> (sum of token losses, number of label tokens)."""
-    ids = model.prepare(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
-                        batch.get("pixel_values"), batch.get("features"))
-    logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
+                      batch.get("pixel_values"), batch.get("features")) as ids:
+        logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                             ignore_index=vlm.IGNORE, reduction="sum")
-    return loss, (targets != vlm.IGNORE).sum()
+                                             ignore_index=constants.IGNORE, reduction="sum")
+    return loss, (targets != constants.IGNORE).sum()
 
 
 def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
@@ -86,9 +60,9 @@ def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
         scale = 1 - 0.25 * (i % 2)  # every other sample shorter: padding
         counts = [round(n * scale) for n in (before, after, answer)]
         text = torch.randint(3, vocab, (sum(counts),), generator=generator).tolist()
-        ids = text[:counts[0]] + [vlm.IMAGE_SLOT] * tokens + text[counts[0]:]
+        ids = text[:counts[0]] + [constants.IMAGE_SLOT] * tokens + text[counts[0]:]
         prompt = counts[0] + tokens + counts[1]
-        samples.append(dict(input_ids=ids, labels=[vlm.IGNORE] * prompt + ids[prompt:],
+        samples.append(dict(input_ids=ids, labels=[constants.IGNORE] * prompt + ids[prompt:],
                             query_ids=text[counts[0]:prompt - tokens],  # the text after the image
                             pixel_values=torch.randn(3, image_size, image_size, generator=generator)))
     return conversation.collate(samples, pad_id=0)
@@ -145,7 +119,7 @@ def measure(model, stage, tokens, args, rounds):
                 sync(args.device)
             if r:
                 seconds[loss_on].append(time.perf_counter() - start)
-    label_tokens = (batch["labels"][:, 1:] != vlm.IGNORE).sum().item()
+    label_tokens = (batch["labels"][:, 1:] != constants.IGNORE).sum().item()
     rows = []
     for loss_on in seconds:
         step_s = sorted(seconds[loss_on])[len(seconds[loss_on]) // 2]  # the upper median: of 2, the slower
@@ -165,11 +139,10 @@ def main():
     p = common_args(__doc__.split("\n")[0], models=False)
     p.add_argument("--micro-batch", type=int, default=1,
                    help="samples per step (every other one 3/4 as long: padding from 2 on)")
-    args = p.parse_args()
-    setup(args)
+    args = setup(p)
     args.peak_flops = next((v for k, v in train.BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()),
                            None) if args.device.startswith("cuda") else None
-    rounds = args.rounds or (10 if args.device.startswith("cuda") else 2)
+    rounds = timing_rounds(args, 10, 2)
     llm, vision = real_shape_models()
     model = vlm.assemble(llm, vision, 4, "quecc", "Qwen1.5-0.5B shapes (random)", "CLIP-L/336 shapes (random)")
     model.to(args.device)

@@ -17,7 +17,7 @@ trap 'rm -rf "$work"' EXIT
 start=$SECONDS
 
 "$python" bench/bench_train_step.py --device cuda --micro-batch 8 --out "$work/train_step.json"
-"$python" -c "import sys; sys.path.insert(0, 'bench'); import bench_train_step as b; b.save_real_shape_models('$work/models')"
+"$python" -c "import sys; sys.path.insert(0, 'bench'); import common; common.save_real_shape_models('$work/models')"
 "$python" bench/bench_prefill.py --device cuda --llm "$work/models/llm" --out "$work/prefill.json"
 
 mkdir -p "$(dirname "$out")"

@@ -9,9 +9,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run_script(*args, check=True, timeout=600, env=None):
-    """Run a repo script (or module with -m) in a subprocess, as a user would."""
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+def run_script(*args, check=True, timeout=600, env=None, cwd=ROOT):
+    """Run a repo script (or module with -m) in a subprocess, as a user would. Scripts are
+    found in the repo whatever cwd (a test's own data/ and runs/ layout)."""
+    if cwd != ROOT and args[0].endswith(".py"):
+        args = (os.path.join(ROOT, args[0]), *args[1:])
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                             timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import conversation
 import toy
-from vlm import IGNORE, IMAGE_SLOT
+from constants import IGNORE, IMAGE_SLOT
 
 VICUNA_TEMPLATE = (
     "{{ 'A chat between a curious user and an artificial intelligence assistant. ' }}"
@@ -308,3 +308,44 @@ def test_stage_one_crops_stage_two_pads(tmp_path):
     assert not torch.allclose(cropped, padded)
     assert features.image_key(tmp_path / "wide.png", "crop") != features.image_key(tmp_path / "wide.png", "pad")
     assert features.image_key(tmp_path / "square.png", "crop") == features.image_key(tmp_path / "square.png", "pad")
+
+
+def test_an_image_several_records_share_is_read_once(tmp_path, monkeypatch):
+    """LLaVA-665K names many COCO images in several records: validation reads each header once."""
+    opened = []
+    monkeypatch.setattr(conversation.Image, "open", lambda path, *a: opened.append(path) or Image.new("RGB", (4, 4)))
+    records = [dict(good_record(tmp_path), id=str(i)) for i in range(3)] + [dict(good_record(tmp_path), image="b.png")]
+    kept = conversation.load_records(write(tmp_path, records), tmp_path)
+    assert len(kept) == 4 and len(opened) == 2
+
+
+def test_record_file_gives_back_each_record(tmp_path):
+    records = [{"id": 1, "conversations": [{"from": "human", "value": "Grüße, 日本 🙂\nzwei"}]},
+               {"id": "x", "image": "a/b.jpg", "conversations": []}] * 3
+    conversation.write_records([json.dumps(r, ensure_ascii=False) for r in records], tmp_path / "records")
+    stored = conversation.RecordFile(tmp_path / "records")
+    assert len(stored) == 6 and [stored[i] for i in range(6)] == records and list(stored) == records
+
+
+def test_records_stream_in_chunks_as_json_load_reads_them(tmp_path):
+    """iter_records reads a chunk at a time: every chunk size gives json.load's records, each
+    with a text that parses back to it, and a malformed record's line."""
+    records = [{"id": i, "conversations": [{"from": "human", "value": "a, [b] {c}\n\"d\" Grüße"}],
+                "nested": {"x": [1, 2.5, None, True]}} for i in range(30)]
+    path = tmp_path / "data.json"
+    text = json.dumps(records, indent=4, ensure_ascii=False)
+    path.write_text(text)
+    for chunk in (7, 100, 1 << 24):
+        pairs = list(conversation.iter_records(path, chunk))
+        assert [r for r, _ in pairs] == records and [json.loads(t) for _, t in pairs] == records
+    lines = text.splitlines()
+    broken = max(i for i, line in enumerate(lines) if '"x"' in line)  # deep in the last record
+    lines[broken] = lines[broken].replace("[", "[oops")
+    path.write_text("\n".join(lines))
+    with pytest.raises(json.JSONDecodeError) as whole:  # where json.load places the error
+        json.loads("\n".join(lines))
+    assert whole.value.lineno == broken + 1
+    for chunk in (7, 100, 1 << 24):
+        with pytest.raises(conversation.BadSample,
+                           match=f"data.json: malformed JSON at line {broken + 1}, column {whole.value.colno}: "):
+            list(conversation.iter_records(path, chunk))

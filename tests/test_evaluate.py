@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import constants
 import vlm
 
 from conftest import ROOT, run_script
@@ -112,7 +113,7 @@ def test_score_only_prints_metrics(uninterrupted, toy_data):
 def test_one_off_answer_matches_the_benchmark_run(checkpoint, toy_data, uninterrupted):
     question = json.loads(open(toy_data / "eval" / "toy_ocr" / "questions.jsonl").readline())
     expected = answers(uninterrupted, "toy_ocr")[0]
-    result = run_script("03_evaluate.py", "--model", str(checkpoint), "--max-new-tokens", "6",
+    result = run_script("generate.py", "--model", str(checkpoint), "--max-new-tokens", "6",
                         "--image", str(toy_data / "images" / question["image"]), "--question", expected["prompt"])
     assert result.stdout.strip() == expected["text"]
 
@@ -153,5 +154,5 @@ def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer
                                  ("chat", "<|im_start|>user\n", "<|im_start|>assistant\n")):
         prompts = evaluate_script.Prompts(bench, questions, toy_data / "images", tokenizer,
                                           toy.build_image_processor(), dict(tokens=4, conv_template=template))
-        text = tokenizer.decode([i for i in prompts[0]["input_ids"] if i != vlm.IMAGE_SLOT])
+        text = tokenizer.decode([i for i in prompts[0]["input_ids"] if i != constants.IMAGE_SLOT])
         assert text.startswith(start) and text.endswith(end)

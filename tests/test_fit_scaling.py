@@ -1,4 +1,4 @@
-"""Tests for 04_fit_scaling.py: exactness of the fit, the paper's targets, recovery, bad input."""
+"""Tests for 04_fit_scaling.py and scaling_law.py: exactness of the fit, the paper's targets, recovery, bad input."""
 import importlib.util
 import json
 import subprocess
@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from scipy.optimize import lsq_linear, minimize
 
+import scaling_law as sl
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "04_fit_scaling.py"
 spec = importlib.util.spec_from_file_location("fit_scaling", SCRIPT)
 fs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fs)
 
-BOX = fs.PAPER_BOX
+BOX = sl.PAPER_BOX
 
 
 def paper_cells():
@@ -25,9 +27,9 @@ def paper_cells():
 
 
 def synthetic_cells(true, sizes, noise, seed):
-    N = np.repeat(np.asarray(sizes, float), len(fs.VALID_TOKENS))
-    V = np.tile(fs.VALID_TOKENS, len(sizes)).astype(float)
-    error = fs.law(true, N, V) + np.random.default_rng(seed).normal(0, noise, N.size)
+    N = np.repeat(np.asarray(sizes, float), len(sl.VALID_TOKENS))
+    V = np.tile(sl.VALID_TOKENS, len(sizes)).astype(float)
+    error = sl.law(true, N, V) + np.random.default_rng(seed).normal(0, noise, N.size)
     return fs.Cells(N, V, error, "synthetic", [])
 
 
@@ -46,7 +48,7 @@ def test_paper_published_values_shipped_with_source():
     assert "locuslab/llava-token-compression" in text and "2411.03312" in text
     cells = paper_cells()
     assert len(cells.N) == 28
-    assert set(cells.N) == {0.5, 1.8, 4, 7} and set(cells.V) == set(fs.VALID_TOKENS.tolist())
+    assert set(cells.N) == {0.5, 1.8, 4, 7} and set(cells.V) == set(sl.VALID_TOKENS.tolist())
     assert 1 - cells.error[(cells.N == 0.5) & (cells.V == 1)][0] == pytest.approx(0.3855)
     assert 1 - cells.error[(cells.N == 7) & (cells.V == 576)][0] == pytest.approx(0.5354)
 
@@ -89,8 +91,8 @@ def test_paper_optimal_tokens(paper_run):
     result, _ = paper_run
     fit = result
     # Q = 0: one visual token at every budget the 0.5B-20B range can spend
-    budgets = np.geomspace(fs.inference_flops(0.5, 1, 0, 0), fs.inference_flops(20, 1, 0, 0), 300)
-    N, V, error = fs.best_config(fit, budgets, 0, 0)
+    budgets = np.geomspace(sl.inference_flops(0.5, 1, 0, 0), sl.inference_flops(20, 1, 0, 0), 300)
+    N, V, error = sl.best_config(fit, budgets, 0, 0)
     assert np.all(V == 1) and np.all(np.isfinite(error))
     assert np.all(np.diff(N) > 0)  # the budget goes to the LLM
     table = {row["text_tokens"]: row for row in result["optimal_v"]}
@@ -98,7 +100,7 @@ def test_paper_optimal_tokens(paper_run):
     # Q = 50: the paper's "about 14-16" tokens; 16 of the valid set
     assert 12 <= table[50]["v_star"] <= 16 and table[50]["best_valid_v"] == 16
     assert table[50]["v_star_ci"][0] <= table[50]["v_star"] <= table[50]["v_star_ci"][1]
-    assert [table[q]["v_star"] for q in fs.TEXT_LENGTHS] == sorted(table[q]["v_star"] for q in fs.TEXT_LENGTHS)
+    assert [table[q]["v_star"] for q in sl.TEXT_LENGTHS] == sorted(table[q]["v_star"] for q in sl.TEXT_LENGTHS)
 
 
 def test_paper_holdout_within_two_percent(paper_run):
@@ -113,7 +115,7 @@ def test_paper_holdout_within_two_percent(paper_run):
 def test_full_grid_optimum_equals_brute_force():
     """Every one of the 5,000,000 grid points, residual by residual, without the quadratic shortcut."""
     cells = paper_cells()
-    A, alphas, betas, D = (fs.axis(BOX[name]) for name in fs.PARAMS)
+    A, alphas, betas, D = (np.linspace(*BOX[name]) for name in sl.PARAMS)
     best = (np.inf, None)
     for alpha in alphas:
         x = cells.N[None, :] ** -alpha * cells.V[None, :] ** -betas[:, None]  # (beta, point)
@@ -122,7 +124,7 @@ def test_full_grid_optimum_equals_brute_force():
         i = np.unravel_index(sse.argmin(), sse.shape)
         if sse[i] < best[0]:
             best = (sse[i], (A[i[1]], alpha, betas[i[0]], D[i[2]]))
-    grid = fs.fit_full_grid(cells, BOX)
+    grid = sl.fit_full_grid(cells, BOX)
     assert (grid["A"], grid["alpha"], grid["beta"], grid["D"]) == best[1]
     assert grid["sse"] == pytest.approx(best[0], rel=1e-12)
 
@@ -134,8 +136,8 @@ def test_closed_form_matches_bounded_least_squares():
         x, y, w = rng.uniform(0.3, 1.5, 12), rng.uniform(-0.2, 1.2, 12), rng.integers(0, 4, 12).astype(float)
         w[:2] = 1
         # the basis N^-alpha V^-beta is x itself with alpha = 1, beta = 0, log N = -log x
-        m = fs.moments(np.ones(1), np.zeros(1), -np.log(x), np.zeros_like(x), w[:, None], y)
-        A, D, sse = (v[0, 0] for v in fs.solve_amplitude_and_floor(m, box))
+        m = sl.moments(np.ones(1), np.zeros(1), -np.log(x), np.zeros_like(x), w[:, None], y)
+        A, D, sse = (v[0, 0] for v in sl.solve_amplitude_and_floor(m, box))
         sqrt_w = np.sqrt(w)
         ref = lsq_linear(np.stack([x, np.ones_like(x)], 1) * sqrt_w[:, None], y * sqrt_w,
                          bounds=([0.2, 0.0], [0.7, 0.3]), tol=1e-14)
@@ -150,16 +152,29 @@ def test_refined_fit_is_the_box_optimum(seed):
     cells = paper_cells() if seed == 0 else synthetic_cells(
         {"A": rng.uniform(0.2, 0.8), "alpha": rng.uniform(0, 0.25), "beta": rng.uniform(0, 0.06),
          "D": rng.uniform(-0.05, 0.35)}, [0.5, 1.8, 4, 7], rng.choice([0.001, 0.01]), seed)
-    fit = fs.fit_law(cells, BOX)
-    bounds = [BOX[name][:2] for name in fs.PARAMS]
+    fit = sl.fit_law(cells, BOX)
+    bounds = [BOX[name][:2] for name in sl.PARAMS]
     sse = lambda q: float(((q[0] * cells.N ** -q[1] * cells.V ** -q[2] + q[3] - cells.error) ** 2).sum())
     starts = [[rng.uniform(*b) for b in bounds] for _ in range(8)]
     best = min(minimize(sse, s, bounds=bounds, method="L-BFGS-B", options={"ftol": 1e-16, "gtol": 1e-14}).fun
                for s in starts)
     assert fit["sse"] <= best * (1 + 1e-9)
-    assert fit["sse"] <= fs.fit_full_grid(cells, BOX)["sse"]
-    for name in fs.PARAMS:
+    assert fit["sse"] <= sl.fit_full_grid(cells, BOX)["sse"]
+    for name in sl.PARAMS:
         assert BOX[name][0] <= fit[name] <= BOX[name][1]
+
+
+def test_bootstrap_fits_are_the_box_optimum_of_their_weighted_sse():
+    """A resample is the cells weighted by how often it drew them: each of its fits is that weighted SSE's optimum."""
+    cells, rng = paper_cells(), np.random.default_rng(0)
+    W = sl.bootstrap_weights(cells, 4, seed=0)
+    fits = sl.fit_continuous(cells, BOX, W)
+    bounds = [BOX[name][:2] for name in sl.PARAMS]
+    for column, w in enumerate(W.T):
+        sse = lambda q: float((w * (q[0] * cells.N ** -q[1] * cells.V ** -q[2] + q[3] - cells.error) ** 2).sum())
+        best = min(minimize(sse, [rng.uniform(*b) for b in bounds], bounds=bounds, method="L-BFGS-B",
+                            options={"ftol": 1e-16, "gtol": 1e-14}).fun for _ in range(8))
+        assert sse([fits[name][column] for name in sl.PARAMS]) <= best * (1 + 1e-9)
 
 
 # -----------------------------------------------------------------------------
@@ -167,9 +182,9 @@ def test_refined_fit_is_the_box_optimum(seed):
 
 def test_recovers_exact_parameters_without_noise():
     true = {"A": 0.45, "alpha": 0.12, "beta": 0.03, "D": 0.1}
-    fit = fs.fit_law(synthetic_cells(true, [0.5, 1, 2, 4, 8, 16], 0.0, 0), BOX)
+    fit = sl.fit_law(synthetic_cells(true, [0.5, 1, 2, 4, 8, 16], 0.0, 0), BOX)
     assert fit["sse"] < 1e-13  # the expanded quadratic SSE is exact to ~1e-15
-    for name in fs.PARAMS:
+    for name in sl.PARAMS:
         assert fit[name] == pytest.approx(true[name], abs=1e-5)
 
 
@@ -177,10 +192,10 @@ def test_recovers_exact_parameters_without_noise():
 def test_recovers_known_parameters_within_bootstrap_interval(seed):
     true = {"A": 0.45, "alpha": 0.12, "beta": 0.03, "D": 0.1}
     cells = synthetic_cells(true, [0.5, 1, 2, 4, 8, 16], 0.002, seed)
-    fit = fs.fit_law(cells, BOX)
-    boot = fs.bootstrap(cells, BOX, 300, seed=0)
-    for name in fs.PARAMS:
-        lo, hi = fs.interval(boot[name])
+    fit = sl.fit_law(cells, BOX)
+    boot = sl.bootstrap(cells, BOX, 300, seed=0)
+    for name in sl.PARAMS:
+        lo, hi = sl.interval(boot[name])
         assert lo <= true[name] <= hi, name
         assert lo <= fit[name] <= hi, name
     assert abs(fit["alpha"] - true["alpha"]) < 0.02 and abs(fit["beta"] - true["beta"]) < 0.005
@@ -197,11 +212,11 @@ def write_results(path, rows):
 def evaluate_rows(true, benchmarks, compressor="tokenpacker", drop=()):
     rows = []
     for N in (0.5, 1.8, 4, 7):
-        for V in fs.VALID_TOKENS.tolist():
+        for V in sl.VALID_TOKENS.tolist():
             for k, benchmark in enumerate(benchmarks):
                 if (N, V, benchmark) in drop:
                     continue
-                accuracy = 1 - fs.law(true, N, V) + 0.02 * (k - (len(benchmarks) - 1) / 2)
+                accuracy = 1 - sl.law(true, N, V) + 0.02 * (k - (len(benchmarks) - 1) / 2)
                 rows.append({"llm": f"qwen1.5-{N}b", "params_b": N, "tokens": V, "compressor": compressor,
                              "benchmark": benchmark, "metric": "accuracy", "score": 100 * accuracy,
                              "normalized": accuracy})
@@ -216,10 +231,10 @@ def test_results_jsonl_is_averaged_over_benchmarks(tmp_path):
     cells, warnings = fs.load_cells(path, None, None)
     assert warnings == [] and cells.benchmarks == ["gqa", "mme", "pope"] and len(cells.N) == 28
     # the benchmark offsets cancel in the average: the law's own values come back
-    assert cells.error == pytest.approx(fs.law(TRUE, cells.N, cells.V), abs=1e-12)
+    assert cells.error == pytest.approx(sl.law(TRUE, cells.N, cells.V), abs=1e-12)
     only_gqa, _ = fs.load_cells(path, "GQA", None)
     assert only_gqa.benchmarks == ["gqa"]
-    assert only_gqa.error == pytest.approx(fs.law(TRUE, cells.N, cells.V) + 0.02, abs=1e-12)
+    assert only_gqa.error == pytest.approx(sl.law(TRUE, cells.N, cells.V) + 0.02, abs=1e-12)
 
 
 def test_uneven_benchmark_sets_warn(tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import constants
 import benchmarks
 import conversation
 import train
@@ -82,7 +83,7 @@ def test_json_object_where_a_list_belongs_is_named(tmp_path):
 def test_a_sample_whose_answers_max_length_cuts_is_refused(tokenizer):
     turns = [{"from": "human", "value": "What is written in the image? " * 5},
              {"from": "gpt", "value": "cat"}]
-    assert conversation.tokenize(tokenizer, turns, 4, 200)["labels"].count(vlm.IGNORE) < 200
+    assert conversation.tokenize(tokenizer, turns, 4, 200)["labels"].count(constants.IGNORE) < 200
     with pytest.raises(ValueError, match="--max-length 20 cuts every answer token"):
         conversation.tokenize(tokenizer, turns, 4, 20)
 
@@ -120,6 +121,21 @@ def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
     path.write_text(json.dumps(mixed))
     stage1(toy_data, tmp_path / "out", "--micro-batch-size", "1", data=path)
     assert len(open(tmp_path / "out" / "log.jsonl").readlines()) == 2
+
+
+def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_path, capsys):
+    import features
+    model, _, processor = vlm.build("toy-xs", "toy", 4, "quecc")
+    cache = features.FeatureCache(tmp_path, model, processor)
+    images = [str(toy_data / "images" / r["image"]) for r in json.load(open(toy_data / "pretrain.json"))[:2]]
+    assert cache.prepare(images) == (2, {})
+    good = cache.load(images[0])
+    corrupt = cache.file(images[0])
+    with open(corrupt, "r+b") as f:
+        f.truncate(100)
+    assert cache.prepare(images) == (1, {})
+    assert f"{corrupt} is corrupt" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(cache.load(images[0]), good))
 
 
 # ---------------------------------------------------------------- runs and output directories
@@ -197,7 +213,8 @@ def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
 def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["01", "--data", "d.json", "--output-dir", str(tmp_path), flag, value])
     with pytest.raises(SystemExit):
-        train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False))
+        train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False, output="stage1",
+                              data="d.json", image_folder=".", source=""))
     assert words in capsys.readouterr().err
 
 
@@ -247,7 +264,7 @@ def test_answers_of_another_model_or_setting_are_refused_or_overwritten(toy_data
 def test_evaluation_refuses_bad_values_in_one_line(toy_data, tmp_path, checkpoint):
     refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path, "--batch-size", "0"), check=False),
             "--batch-size must be positive")
-    refused(run_script("03_evaluate.py", "--model", str(checkpoint), "--image", str(tmp_path), "--question", "What?",
+    refused(run_script("generate.py", "--model", str(checkpoint), "--image", str(tmp_path), "--question", "What?",
                        check=False), f"{tmp_path} is a directory")
     part = tmp_path / "toy_ocr" / "answers.part-0.jsonl"
     part.parent.mkdir()

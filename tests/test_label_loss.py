@@ -11,6 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
+import constants  # noqa: E402
 import conversation  # noqa: E402
 import vlm  # noqa: E402
 from bench_train_step import all_positions_loss  # noqa: E402
@@ -25,7 +26,7 @@ def mixed_batch(toy_data, tokenizer, processor, which):
     records = [r for r in records if "image" not in r][:1] + [r for r in records if "image" in r][:3]
     dataset = conversation.SupervisedDataset(records, "f", toy_data / "images", tokenizer, processor, 4, 512)
     samples = [dataset[i] for i in range(len(records))]
-    samples[-1]["labels"] = [vlm.IGNORE] * len(samples[-1]["labels"])
+    samples[-1]["labels"] = [constants.IGNORE] * len(samples[-1]["labels"])
     assert len({len(s["input_ids"]) for s in samples}) > 1  # padded
     return conversation.collate(samples if which == "mixed" else samples[-1:], tokenizer.pad_token_id)
 

@@ -17,7 +17,7 @@ def finetune_args(toy_data, out, *extra):
     return ["02_finetune.py", "--llm", "toy", "--vision", "toy", "--tokens", "4",
             "--data", str(toy_data / "finetune.json"), "--image-folder", str(toy_data / "images"),
             "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "8",
-            "--lr", "1e-3", "--num-workers", "0", *extra]
+            "--lr", "1e-3", "--num-workers", "0", "--projector", "none", *extra]
 
 
 def losses(out):

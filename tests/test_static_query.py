@@ -1,4 +1,4 @@
-"""Static-query inference (static_query.py) gives the plain path's answers, in both layouts.
+"""Static-query inference (generate.py) gives the plain path's answers, in both layouts.
 
 The model is a random toy whose weights are redrawn at unit scale, so greedy answers differ
 from image to image and from layout to layout (a default-init toy answers "" to everything,
@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import conversation
 import vlm
-from static_query import StaticQuery, plain_answers
+from generate import StaticQuery, plain_answers
 
 QUESTIONS = ["What colour is the shape?", "How many shapes are there? Answer the question using a single word."]
 NEW_TOKENS = 6

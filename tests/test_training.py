@@ -106,7 +106,7 @@ def test_bad_input_stops_before_training_with_its_name(toy_data, tmp_path):
     path.write_text(json.dumps(records))
     args = ["02_finetune.py", "--llm", "toy", "--vision", "toy", "--data", str(path), "--image-folder",
             str(toy_data / "images"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
-            "--batch-size", "4", "--micro-batch-size", "4", "--num-workers", "0"]
+            "--batch-size", "4", "--micro-batch-size", "4", "--num-workers", "0", "--projector", "none"]
     result = run_script(*args, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{path}: record 7 (id {records[7]['id']}): image not found" in result.stderr
@@ -118,7 +118,7 @@ def test_standardizing_features_of_text_only_data_is_refused_by_name(toy_data, t
     path = tmp_path / "text.json"
     path.write_text(json.dumps([r for r in json.load(open(toy_data / "finetune.json")) if "image" not in r]))
     result = run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--data", str(path),
-                        "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                        "--image-folder", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
                         "--num-workers", "0", "--standardize-features", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{path}: no sample with an image, nothing for --standardize-features to measure" in result.stderr
@@ -126,7 +126,8 @@ def test_standardizing_features_of_text_only_data_is_refused_by_name(toy_data, t
 
 def test_unsupported_token_count_is_refused_by_the_script(toy_data, tmp_path):
     result = run_script("01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--tokens", "5",
-                        "--data", str(toy_data / "pretrain.json"), "--output-dir", str(tmp_path), check=False)
+                        "--data", str(toy_data / "pretrain.json"), "--image-folder", str(toy_data / "images"),
+                        "--output-dir", str(tmp_path), check=False)
     assert result.returncode != 0 and "valid values: 1, 4, 9, 16, 36, 64, 144, 576" in result.stderr
 
 

@@ -1,7 +1,13 @@
-"""Static prompts: one fixed question asked of many images (a camera asking the same thing of
-every frame), at the cost of the visual tokens plus the answer.
+"""Answer a question about images with a trained VLM (nanoGPT's sample.py): one question, any
+number of images, printed one answer a line.
 
-What is computed once, in __init__:
+    python generate.py --model runs/Qwen1.5-7B-Chat-quecc-v4/stage2 --image photo.jpg --question "What is written here?"
+    python generate.py --model MODEL --static-query --question "Is the door open?" --image frame*.png
+
+The plain path (plain_answers) renders one full prompt per image into left-padded batches
+for vlm.generate, as 03_evaluate.py does. --static-query (StaticQuery) serves a fixed
+question asked of many images (a camera asking the same thing of every frame) at the cost of
+the visual tokens plus the answer. What it computes once, in __init__:
   * the question's embedding (QueCC's query: an extra LLM pass over the question), and
   * when the model was trained with the question before the image (`--image-after-question`,
     saved as `image_first: false`), the LLM's KV cache of the whole prompt prefix, i.e.
@@ -9,21 +15,19 @@ What is computed once, in __init__:
 Each batch of images then costs the vision tower, the projector and an LLM prefill of only
 V visual tokens plus the few template tokens after them, then greedy decoding, exactly as
 vlm.generate (temperature 0, one beam). With the LLaVA order (image first) only the
-question embedding is reused: the text after the image depends on it.
-
-All images of a call share one prompt and one token count, so a batch needs no padding.
-
-    sq = StaticQuery(model, tokenizer, image_processor, "Is anyone at the door?")
-    sq.answer(["frame1.png", "frame2.png"])  # -> ["no", "yes"]
+question embedding is reused: the text after the image depends on it. All images of a call
+share one prompt and one token count, so a batch needs no padding.
 """
+import argparse
 import copy
+import os
 
 import torch
 from PIL import Image
 
 import conversation
 import vlm
-from vlm import IMAGE_SLOT
+from constants import IMAGE_SLOT
 
 
 def plain_answers(model, tokenizer, image_processor, question, images, batch_size=16, max_new_tokens=128):
@@ -67,7 +71,6 @@ class StaticQuery:
             if not self.image_first and first_slot > 0:
                 self.prefix_length = first_slot
                 prefix = self.input_ids[None, :first_slot]
-                model._pending = None  # the prefix has no image slot: the hook stays idle
                 out = model.llm(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
                                 logits_to_keep=1)
                 self.prefix_cache = out.past_key_values
@@ -90,20 +93,50 @@ class StaticQuery:
         question = None if self.question is None else self.question.expand(b, -1)
         visual = model.visual_tokens(pixels, question)
         ids = self.input_ids.expand(b, -1)
-        rest = model.llm_input_ids(ids[:, self.prefix_length:], visual)  # arms the embedding hook
-        # generate() embeds only the positions the cache does not hold yet: `rest`, whose
-        # slots the hook fills. The prefix ids are there for the length and the positions.
-        input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
         kwargs = {}
         if self.prefix_cache is not None:
             cache = copy.deepcopy(self.prefix_cache)  # generate() appends to it in place
             cache.batch_repeat_interleave(b)
             kwargs["past_key_values"] = cache
-        try:
+        # generate() embeds only the positions the cache does not hold yet: `rest`, whose
+        # slots the hook fills. The prefix ids are there for the length and the positions.
+        with model.armed(ids[:, self.prefix_length:], visual) as rest:
+            input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
             out = model.llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        finally:
-            model._pending = None  # never leave a one-shot hook armed after a failure
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:],
                                                                skip_special_tokens=True)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="output directory of 02_finetune.py (or 01)")
+    p.add_argument("--image", nargs="+", required=True, help="image files")
+    p.add_argument("--question", required=True)
+    p.add_argument("--static-query", action="store_true",
+                   help="compute the question's embedding (and prompt cache) once for all images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    args = p.parse_args()
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for path in args.image:
+        if not os.path.isfile(path):
+            p.error(f"{path} is a directory; --image takes image files" if os.path.isdir(path) else f"image not found: {path}")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model, tokenizer, image_processor = vlm.load_pretrained(args.model)
+    model.to(device).eval()
+    if args.static_query:
+        texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens,
+                            args.batch_size).answer(args.image)
+    else:
+        texts = plain_answers(model, tokenizer, image_processor, args.question, args.image,
+                              args.batch_size, args.max_new_tokens)
+    for path, text in zip(args.image, texts):
+        print(f"{path}: {text}" if len(args.image) > 1 else text)
+
+
+if __name__ == "__main__":
+    main()
