@@ -104,6 +104,9 @@ class Cells:
     error: np.ndarray  # 1 - accuracy averaged over the cell's benchmarks
     source: str
     benchmarks: list  # the benchmark names averaged ([] when the file names none)
+    # rows with a seed column (training replicates): Cells of one point per (N, V, seed), and each point's cell
+    seeds: object = None
+    seed_cell: np.ndarray = None
 
     def subset(self, keep):
         return Cells(self.N[keep], self.V[keep], self.error[keep], self.source, self.benchmarks)
@@ -183,6 +186,7 @@ def average_cells(records, path):
     value_column = "normalized" if any("normalized" in row for _, row in records) else "score"
     needed = ("params_b", "tokens", value_column) + (("benchmark",) if value_column == "normalized" else ())
     per_cell = defaultdict(lambda: defaultdict(list))  # (N, V) -> benchmark -> values
+    rows_of = defaultdict(int)  # (N, V, benchmark, seed) -> rows
     for i, row in records:
         where = f"{path}, line {i}"
         missing = [c for c in needed if c not in row]
@@ -197,9 +201,10 @@ def average_cells(records, path):
         if not 0 <= s <= 1:
             raise BadInput(f"{where}: {value_column} = {s:g} is outside [0, 1] (an accuracy)")
         per_cell[(n, v)][str(row.get("benchmark", ""))].append(s)
+        rows_of[(n, v, str(row.get("benchmark", "")), row.get("seed"))] += 1
 
     warnings = []
-    repeated = sum(len(values) > 1 for cell in per_cell.values() for values in cell.values())
+    repeated = sum(count > 1 for count in rows_of.values())  # several seeds of one cell are replicates, not repeats
     if repeated:
         warnings.append(f"{path}: {repeated} (N, V, benchmark) combinations appear on several rows: their values are averaged")
     suites = {cell: frozenset(by_benchmark) for cell, by_benchmark in per_cell.items()}
@@ -217,11 +222,30 @@ def average_cells(records, path):
                  1 - np.array(accuracy), str(path), benchmarks), warnings
 
 
+def seed_points(records, cells):
+    """Rows that name a training seed (demo.py --seeds): cells.seeds gets one point per (N, V, seed),
+    its error averaged over the benchmarks, so the bootstrap can redraw the seeds of each cell."""
+    if not any("seed" in row for _, row in records):
+        return cells
+    column = "normalized" if any("normalized" in row for _, row in records) else "score"
+    per_seed = defaultdict(list)
+    for _, row in records:
+        per_seed[(float(row["params_b"]), float(row["tokens"]), str(row.get("seed")))].append(float(row[column]))
+    if len(per_seed) == len(cells.N):  # one seed per cell: nothing to redraw
+        return cells
+    keys = sorted(per_seed)
+    index = {(n, v): j for j, (n, v) in enumerate(zip(cells.N, cells.V))}
+    cells.seeds = Cells(np.array([k[0] for k in keys]), np.array([k[1] for k in keys]),
+                        1 - np.array([np.mean(per_seed[k]) for k in keys]), cells.source, cells.benchmarks)
+    cells.seed_cell = np.array([index[k[:2]] for k in keys])
+    return cells
+
+
 def load_cells(path, suite, compressor):
     records = select_records(read_records(path), path, suite, compressor)
     cells, warnings = average_cells(records, path)
     check_identifiable(cells)
-    return cells, warnings
+    return seed_points(records, cells), warnings
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +393,8 @@ def run(args):
     if args.bootstrap:
         start = time.perf_counter()
         boot = bootstrap(cells, box, args.bootstrap, args.seed)
-        print(f"bootstrap: {args.bootstrap} resamples of the {len(cells.N)} cells in {time.perf_counter() - start:.2f} s; "
+        seeds = f" and of the seeds within each ({len(cells.seeds.N)} runs)" if cells.seeds is not None else ""
+        print(f"bootstrap: {args.bootstrap} resamples of the {len(cells.N)} cells{seeds} in {time.perf_counter() - start:.2f} s; "
               "95% intervals:")
         for name in PARAMS + ("ratio",):
             (lo, hi), label = interval(boot[name]), "alpha/beta" if name == "ratio" else name
@@ -419,7 +444,7 @@ def run(args):
               "generated_tokens": G, "optimal_v": table, "on_edge": on_edge(fit, box), "warnings": warnings}
     if boot is not None:
         result.update({f"{name}_ci": interval(boot[name]) for name in PARAMS + ("ratio",)})
-        result.update(bootstrap=args.bootstrap, seed=args.seed)
+        result.update(bootstrap=args.bootstrap, seed=args.seed, bootstrap_seed_runs=0 if cells.seeds is None else len(cells.seeds.N))
     if budget is not None:
         result["budget"] = budget
     if holdout is not None:

@@ -198,8 +198,23 @@ def bootstrap_weights(cells, resamples, seed):
     return W
 
 
+def seed_weights(cells, W, seed):
+    """Cell draws W (cells, resamples) -> weights on cells.seeds: a cell drawn c times draws c x k
+    of its k seeds with replacement, each weighing 1/k. Least squares on these weights is the fit
+    to the drawn cells' means of drawn seeds (the squared distance to k points weighing 1/k each is
+    the distance to their mean plus a constant), so one weighted fit per resample does it."""
+    rng = np.random.default_rng([seed, 1])
+    weights = np.zeros((len(cells.seeds.N), W.shape[1]))
+    for j in range(len(cells.N)):
+        mine = np.flatnonzero(cells.seed_cell == j)
+        weights[mine] = rng.multinomial(W[j].astype(int) * len(mine), np.full(len(mine), 1 / len(mine))).T / len(mine)
+    return weights
+
+
 def bootstrap(cells, box, resamples, seed, chunk=100):
     W = bootstrap_weights(cells, resamples, seed)
+    if getattr(cells, "seeds", None) is not None:  # the intervals include the training noise: each drawn cell redraws its seeds
+        cells, W = cells.seeds, seed_weights(cells, W, seed)
     fits = []
     with tqdm(total=resamples, desc="bootstrap", unit="fit", leave=False) as bar:
         for start in range(0, resamples, chunk):  # chunks bound the (grid x resamples) arrays to ~10 MB each
