@@ -519,15 +519,15 @@ def main(stage):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
                          f"x --micro-batch-size {args.micro_batch_size}")
 
-    if prepare_output_dir(args, rank):
-        say(f"{args.output_dir} holds this run, finished; nothing to do")
-        return end_distributed()
     with vlm.loading("vision tower", args.vision):
         grid = vlm.vision_grid(args.vision)  # its config alone
     try:  # a token count the compressor cannot make, refused before the models load
         quecc.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if prepare_output_dir(args, rank):
+        say(f"{args.output_dir} holds this run, finished; nothing to do")
+        return end_distributed()
 
     # ---- build
     model, tokenizer, image_processor = build_model(args, device)
