@@ -411,7 +411,7 @@ def main():
     train.lock_directory(out)  # one demo at a time in one --out
     check_settings(out, args)
     log = os.path.join(out, "demo.log")
-    data, cache = os.path.join(out, "data"), os.path.join(out, "cache")
+    data = os.path.join(out, "data")
     grid = [(size, tokens, seed) for size in args.sizes for tokens in args.tokens for seed in range(1, args.seeds + 1)]
 
     bar = tqdm(total=1 + 3 * len(grid) + 1, desc="demo")

@@ -79,7 +79,7 @@ def test_resume_after_kill_gives_the_same_answers(checkpoint, toy_data, uninterr
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished before the kill
     with open(part, "a") as f:
         f.write('{"question_id": "eval_0')  # a line cut off mid-write by the kill
     evaluate(checkpoint, toy_data, tmp_path)
