@@ -223,7 +223,7 @@ def average_cells(records, path):
 
 
 def seed_points(records, cells):
-    """Rows that name a training seed (demo.py --seeds): cells.seeds gets one point per (N, V, seed),
+    """Rows that name a training seed (toy/demo.py --seeds): cells.seeds gets one point per (N, V, seed),
     its error averaged over the benchmarks, so the bootstrap can redraw the seeds of each cell."""
     if not any("seed" in row for _, row in records):
         return cells

@@ -12,7 +12,7 @@ PY := .venv/bin/python
 	touch .venv/ready
 
 demo: .venv/ready
-	$(PY) demo.py
+	$(PY) -m toy.demo
 
 test: .venv/ready
 	$(PY) -m pytest -q tests

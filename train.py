@@ -81,7 +81,7 @@ def parse_args(stage):
                    help=f"standardize the vision features per channel, with statistics of the first {STANDARDIZE_IMAGES} training "
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
-                   "and reuse the features across runs and epochs (features.py)")
+                   "and reuse the features across runs and epochs (toy/features.py)")
     # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in vlm_config.json
     p.add_argument("--conv-template", default="auto", choices=("auto",) + conversation.TEMPLATES,
                    help="auto: stage 1 of tokenpacker/pool/mlp uses LLaVA's plain (image, caption); otherwise the "
@@ -551,7 +551,7 @@ def main(stage):
     records = load_data(args, rank, say)
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
-        import features
+        from toy import features
         cache = features.FeatureCache(args.feature_cache, model, image_processor, args.image_aspect)
         if rank == 0:
             paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]

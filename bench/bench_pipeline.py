@@ -48,7 +48,7 @@ def main():
         start = time.time()
         llm, vision = save_real_shape_models(os.path.join(work, "models"))
         data = os.path.join(work, "data")
-        subprocess.run([sys.executable, "data_prep/make_toy_data.py", "--out", data, "--num-train", str(4 * n),
+        subprocess.run([sys.executable, "-m", "toy.make_data", "--out", data, "--num-train", str(4 * n),
                         "--num-eval", "2"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # one evaluation batch per process: the first n questions of one held-out split
         bench = "toy_reasoning"

@@ -24,7 +24,7 @@ def run_script(*args, check=True, timeout=600, env=None, cwd=ROOT):
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    run_script("data_prep/make_toy_data.py", "--out", str(out), "--num-train", "160", "--num-eval", "10")
+    run_script("-m", "toy.make_data", "--out", str(out), "--num-train", "160", "--num-eval", "10")
     return out
 
 

@@ -453,7 +453,7 @@ def test_read_answers_errors_name_file_and_line(tmp_path):
     ("toy_ocr", "eval/toy_ocr/questions.jsonl", {"ocr"}),
 ])
 def test_toy_world_eval_files_load_prompt_and_score(toy_data, bench, name, types):
-    """The files data_prep/make_toy_data.py writes are question files for toy_reasoning / toy_ocr."""
+    """The files toy/make_data.py writes are question files for toy_reasoning / toy_ocr."""
     questions = B.load_questions(str(toy_data / name))
     assert B.build_prompt(bench, questions[0]) == questions[0]["question"] + SHORT
     # capitalised, with a full stop, as a chat model may answer: still exact matches

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import conversation
-import demo
+from toy import demo
 import toy
 import vlm
 from conftest import run_script
@@ -94,7 +94,7 @@ def test_every_toy_answer_is_one_token(tokenizer):
 
 def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo.py", "--out", str(out), "--sizes", "toy-xs,toy-s", "--tokens", "1,4", "--stage1-steps", "2",
+    args = ["-m", "toy.demo", "--out", str(out), "--sizes", "toy-xs,toy-s", "--tokens", "1,4", "--stage1-steps", "2",
             "--stage2-steps", "4", "--num-train", "64", "--num-eval", "6", "--seeds", "2"]
     first = run_script(*args)
     with open(out / "scores.csv") as f:
@@ -240,7 +240,7 @@ def test_fit_bootstrap_redraws_the_seeds_of_each_cell(tmp_path):
 
 
 def test_print_real_lists_the_papers_grid():
-    lines = run_script("demo.py", "--print-real").stdout.splitlines()
+    lines = run_script("-m", "toy.demo", "--print-real").stdout.splitlines()
     finetune = [line for line in lines if "02_finetune.py" in line]
     assert len(finetune) == 4 * 7
     for llm in ("Qwen/Qwen1.5-0.5B-Chat", "Qwen/Qwen1.5-1.8B-Chat", "Qwen/Qwen1.5-4B-Chat", "Qwen/Qwen1.5-7B-Chat"):
@@ -257,5 +257,5 @@ def test_print_real_lists_the_papers_grid():
 
 
 def test_full_conflicts_with_an_explicit_grid():
-    result = run_script("demo.py", "--full", "--sizes", "toy-s", check=False)
+    result = run_script("-m", "toy.demo", "--full", "--sizes", "toy-s", check=False)
     assert result.returncode == 2 and "--full sets --sizes and --tokens" in result.stderr

@@ -124,7 +124,7 @@ def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
 
 
 def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_path, capsys):
-    import features
+    from toy import features
     model, _, processor = vlm.build("toy-xs", "toy", 4, "quecc")
     cache = features.FeatureCache(tmp_path, model, processor)
     images = [str(toy_data / "images" / r["image"]) for r in json.load(open(toy_data / "pretrain.json"))[:2]]

@@ -4,7 +4,7 @@
 CLIP vision tower with the real 24x24 patch grid (96 px images, 4 px patches),
 so every real token count works. Weights come from a fixed seed, so stage 2
 rebuilds exactly the LLM that stage 1 saw. The vocabulary of the synthetic
-dataset (data_prep/make_toy_data.py) lives here because the tokenizer is
+dataset (toy/make_data.py) lives here because the tokenizer is
 trained on it.
 """
 import torch

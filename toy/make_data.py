@@ -11,20 +11,18 @@ Writes, deterministically from --seed, in LLaVA's formats:
 The eval folders follow 03_evaluate.py's --data-root layout (BENCH/questions.jsonl, BENCH/images/)
 and its question format (question_id, image, question, answers, category = question type).
 
-    python data_prep/make_toy_data.py --out data/toy
+    python -m toy.make_data --out data/toy
 """
 import argparse
 import json
 import math
 import os
 import random
-import sys
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from toy import COLOURS, NUMBERS, POSITIONS, SHAPES, VISION_IMAGE_SIZE, WORDS  # noqa: E402
+from toy import COLOURS, NUMBERS, POSITIONS, SHAPES, VISION_IMAGE_SIZE, WORDS
 
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
        "yellow": (230, 210, 30), "purple": (140, 50, 170), "orange": (240, 130, 20)}

@@ -1,9 +1,9 @@
 """The paper in a box: the toy-world scaling study on a CPU, nothing downloaded.
 
-    python demo.py                 # the default grid: 2 LLM sizes x V in 1, 16, 144, 2 seeds, then the fit
-    python demo.py --full          # 4 sizes x V in 1, 4, 16, 36, 64, 144, 576, 3 seeds
-    python demo.py --sizes toy-s --tokens 4          # one model
-    python demo.py --print-real    # the launch lines of the paper's real grid
+    python -m toy.demo                 # the default grid: 2 LLM sizes x V in 1, 16, 144, 2 seeds, then the fit
+    python -m toy.demo --full          # 4 sizes x V in 1, 4, 16, 36, 64, 144, 576, 3 seeds
+    python -m toy.demo --sizes toy-s --tokens 4          # one model
+    python -m toy.demo --print-real    # the launch lines of the paper's real grid
 
 For every (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2 (02_finetune.py),
 evaluation on the held-out reasoning and OCR questions (03_evaluate.py); then the law fitted
@@ -35,7 +35,7 @@ from tqdm import tqdm
 import toy
 import train
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
 # two seeds of 6 cells: 12 runs, 19.9 min on 2 cores shared with other work (README); two seeds of the
 # earlier 3 sizes x V in 1, 4, 16, 144 would be 24 runs, twice its 13.9 min
@@ -145,7 +145,7 @@ def run(log, *args, threads=None):
         f.write(f"\n$ python {' '.join(args)}\n")
         f.flush()
         if subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=f, env=env).returncode:
-            raise StepFailed(f"{args[0]} failed; its output is at the end of {log}")
+            raise StepFailed(f"{args[1] if args[0] == '-m' else args[0]} failed; its output is at the end of {log}")
 
 
 def run_dirs(out, size, tokens, seed):
@@ -418,7 +418,7 @@ def main():
     if not os.path.exists(os.path.join(data, "finetune.json")):
         # every training image asks as many of its question types as can share one conversation
         # without giving an answer away (about four): several answers for one encoding and one sequence
-        run(log, "data_prep/make_toy_data.py", "--out", data, "--num-train", str(args.num_train),
+        run(log, "-m", "toy.make_data", "--out", data, "--num-train", str(args.num_train),
             "--num-eval", str(args.num_eval), "--questions-per-image", "6")
     bar.update()
     # the first stage 1 runs alone: it fills the feature cache the other runs then share
