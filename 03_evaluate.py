@@ -276,7 +276,7 @@ def main():
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
-    identity = answer_identity(args, world)
+    identity = train.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
     if rank == 0:  # one run per output directory at a time, and never another model's answers
         train.lock_directory(args.output_dir)
         check_earlier_outputs(args.output_dir, identity, args.overwrite)

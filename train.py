@@ -361,6 +361,15 @@ def barrier():
         dist.barrier()
 
 
+def from_rank0(value):
+    """Rank 0's value on every rank (a collective: every rank calls it; also a barrier)."""
+    if dist.is_initialized():
+        shared = [value]
+        dist.broadcast_object_list(shared)
+        value = shared[0]
+    return value
+
+
 def end_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -402,20 +411,22 @@ def build_model(args, device):
     return model, tokenizer, image_processor
 
 
-def drop_undecodable(records, args, cache, failed, say):
+def drop_undecodable(records, args, failed, say):
     """Records whose image passed the header check but could not be decoded into the feature
-    cache: refused by name, or skipped with --skip-bad-samples. failed: {path: why} (rank 0)."""
+    cache: refused by name, or skipped with --skip-bad-samples. failed: {path: why}."""
+    if not failed:
+        return records
     bad = set()
     for index, record in enumerate(records):
         path = os.path.join(args.image_folder, record["image"]) if "image" in record else None
-        if path is None or cache.cached(path):
+        if path not in failed:
             continue
-        problem = f"{conversation.record_name(args.data, None, record)}: {failed.get(path, f'cannot decode {path}')}"
+        problem = f"{conversation.record_name(args.data, None, record)}: {failed[path]}"
         if not args.skip_bad_samples:
             raise SystemExit(f"error: {problem} (or pass --skip-bad-samples)")
         say(f"skipping {problem}")
         bad.add(index)
-    return [record for index, record in enumerate(records) if index not in bad] if bad else records
+    return [record for index, record in enumerate(records) if index not in bad]
 
 
 STANDARDIZE_IMAGES = 256
@@ -493,12 +504,9 @@ def load_data(args, rank, say):
             conversation.write_records((text for _, text in records), directory)
         except (conversation.BadSample, OSError) as e:
             error = f"error: {e}"
-    if dist.is_initialized():
-        shared = [error]
-        dist.broadcast_object_list(shared)
-        error = shared[0]
-        if error:  # a clean exit: a live process group aborts the process on its way out
-            dist.destroy_process_group()
+    error = from_rank0(error)
+    if error:  # a clean exit: a live process group aborts the process on its way out
+        end_distributed()
     if error:
         raise SystemExit(error)
     return conversation.RecordFile(directory)
@@ -553,12 +561,12 @@ def main(stage):
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         from toy import features
         cache = features.FeatureCache(args.feature_cache, model, image_processor, args.image_aspect)
+        failed = None
         if rank == 0:
             paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]
             encoded, failed = cache.prepare(paths)
             say(f"feature cache {cache.directory}: {encoded} images encoded")
-        barrier()
-        records = drop_undecodable(records, args, cache, failed if rank == 0 else {}, say)
+        records = drop_undecodable(records, args, from_rank0(failed), say)
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache,

@@ -138,6 +138,20 @@ def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_
     assert all(torch.equal(a, b) for a, b in zip(cache.load(images[0]), good))
 
 
+def test_an_undecodable_image_is_reported_under_every_path_that_holds_it(toy_data, tmp_path):
+    """The cache encodes an image once whatever its paths; a failure names each of them, so the
+    records of a copy under another name are refused too."""
+    from toy import features
+    images, records = truncated_png(toy_data, tmp_path)
+    victim = images / records[2]["image"]
+    shutil.copy(victim, images / "copy.png")
+    model, _, processor = vlm.build("toy-xs", "toy", 4, "quecc")
+    cache = features.FeatureCache(tmp_path / "cache", model, processor)
+    good = str(images / records[0]["image"])
+    encoded, failed = cache.prepare([good, str(victim), str(images / "copy.png")])
+    assert encoded == 1 and set(failed) == {str(victim), str(images / "copy.png")}
+
+
 # ---------------------------------------------------------------- runs and output directories
 
 def test_an_output_directory_holding_a_run_is_refused_without_resume_or_overwrite(toy_data, tmp_path):

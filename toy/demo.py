@@ -37,8 +37,8 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
-# two seeds of 6 cells: 12 runs, 19.9 min on 2 cores shared with other work (README); two seeds of the
-# earlier 3 sizes x V in 1, 4, 16, 144 would be 24 runs, twice its 13.9 min
+# two seeds of 6 cells: 12 runs, 9 min 39 s from a fresh clone on 2 idle cores (docs/toy_world.md); two
+# seeds of the earlier 3 sizes x V in 1, 4, 16, 144 would be 24 runs, about twice as long
 DEFAULT_GRID = ("toy-xs,toy-m", "1,16,144")
 FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes and stage-2 learning rate of the toy runs (the rate at width 64, see stage2_lr).

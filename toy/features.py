@@ -91,23 +91,21 @@ class FeatureCache:
             return False
         return set(self.layers) <= set(layers) and len(shape) == 3 and shape[0] == len(layers)
 
-    def cached(self, path):
-        return os.path.exists(self.file(path))
-
     def prepare(self, paths, desc="vision features"):
         """Encode, in batches, the images whose features are not cached yet. An image that fails
-        to decode is left out. -> (images encoded, {path: why} for those that failed)."""
+        to decode is left out. -> (images encoded, {path: why} for every path of those that failed,
+        so a caller needs no other look at the cache to know which records lost their image)."""
         import conversation  # imported here: conversation imports vlm, which this module must not need
-        todo, seen = [], set()
+        todo, paths_of = [], {}  # paths_of: cache file -> the paths holding that image
         for path in paths:
             file = self.file(path)
-            if file not in seen and not self._has(file):
+            if file not in paths_of and not self._has(file):
                 todo.append((path, file))
-            seen.add(file)
+            paths_of.setdefault(file, []).append(path)
         vision = self.model.vision
         device, dtype = next(vision.parameters()).device, next(vision.parameters()).dtype
         vision.eval()
-        failed = {}
+        failed, failed_files = {}, 0
         for start in tqdm(range(0, len(todo), self.batch_size), desc=desc, disable=not todo, leave=False):
             chunk, images = [], []
             for path, file in todo[start:start + self.batch_size]:
@@ -115,7 +113,8 @@ class FeatureCache:
                     images.append(conversation.load_image(path, self.image_processor, self.aspect))
                     chunk.append((path, file))
                 except Exception as e:  # passed the header check, fails to decode: a truncated file
-                    failed[path] = f"cannot decode {path}: {e}"
+                    failed.update((p, f"cannot decode {path}: {e}") for p in paths_of[file])
+                    failed_files += 1
             if not chunk:
                 continue
             pixels = torch.stack(images)
@@ -126,7 +125,7 @@ class FeatureCache:
                 tmp = f"{file}.{os.getpid()}.tmp"
                 save_file({"hidden": hidden.contiguous()}, tmp, metadata={"layers": json.dumps(self.layers)})
                 os.replace(tmp, file)
-        return len(todo) - len(failed), failed
+        return len(todo) - failed_files, failed
 
     def load(self, path):
         """-> (patches (grid^2, C), multi_level (grid^2, 4C) or None), float32, one image."""
