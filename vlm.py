@@ -7,10 +7,10 @@ image samples is one masked scatter.
 """
 import json
 import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
