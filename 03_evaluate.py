@@ -13,8 +13,6 @@ OUTPUT_DIR/BENCH/metrics.json, and OUTPUT_DIR/results.jsonl with one row per ben
 04_fit_scaling.py. Answers are appended as they come; a rerun skips answered questions.
 """
 import argparse
-import glob
-import hashlib
 import json
 import os
 import sys
@@ -24,7 +22,8 @@ from tqdm import tqdm
 
 import benchmarks
 import conversation
-import train
+import distributed
+import runs
 import vlm
 
 
@@ -63,108 +62,11 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-# ---------------------------------------------------------------- answer files
-
-def answer_parts(folder):
-    return sorted(glob.glob(os.path.join(folder, "answers.part-*.jsonl")))
-
-
-def answer_files(folder):
-    return [path for path in [os.path.join(folder, "answers.jsonl")] + answer_parts(folder) if os.path.exists(path)]
-
-
-def read_answer_rows(path):
-    """The rows of one answer file. A last line cut off by a kill is ignored: its batch is
-    answered again."""
-    rows = []
-    for number, line in enumerate(open(path), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        problem = benchmarks.answer_problem(row) if isinstance(row, dict) else "not a JSON object"
-        if problem:
-            fail(f"{path}:{number}: {problem}")
-        rows.append(row)
-    return rows
-
-
-def read_answered(folder):
-    """{question_id: answer row} from the merged file and every part file."""
-    answered = {}
-    for path in answer_files(folder):
-        for row in read_answer_rows(path):
-            answered.setdefault(str(row["question_id"]), row)
-    return answered
-
-
-def model_fingerprint(directory):
-    """sha1 of the files that make the model: its config, projector and, when trained, LLM
-    weights (a 7B LLM takes ~10 s to read). Every answer carries it."""
-    digest = hashlib.sha1()
-    files = [vlm.CONFIG_FILE, vlm.PROJECTOR_FILE] + sorted(
-        os.path.relpath(f, directory) for f in glob.glob(os.path.join(directory, "llm", "*.safetensors")))
-    for name in files:
-        digest.update(name.encode())
-        with open(os.path.join(directory, name), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def answer_identity(args, world):
     """What makes an answer: the model (directory and weights) and the generation settings
     (the batches, and so the padding, depend on the batch size and the number of processes)."""
-    return dict(model=os.path.abspath(args.model), fingerprint=model_fingerprint(args.model),
+    return dict(model=os.path.abspath(args.model), fingerprint=runs.model_fingerprint(args.model),
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, processes=world)
-
-
-def check_earlier_outputs(output_dir, identity, overwrite):
-    """Answers and results in output_dir must come from this model with these settings: reusing
-    them would score another model. Refused, or deleted with --overwrite."""
-    def other(rows, key):  # the first identity that is not ours, or None
-        return next((row.get(key) or {} for row in rows if row.get(key) != identity), None)
-
-    found = []
-    results = os.path.join(output_dir, "results.jsonl")
-    if os.path.exists(results):
-        found.append((results, other([json.loads(line) for line in open(results)], "identity")))
-    for folder in sorted(glob.glob(os.path.join(output_dir, "*", ""))):
-        found += [(path, other(read_answer_rows(path), "metadata")) for path in answer_files(folder)]
-    found = [(path, theirs) for path, theirs in found if theirs is not None]
-    if found and not overwrite:
-        path, theirs = found[0]
-        differs = [f"{k} {theirs.get(k)!r}, this run {v!r}" for k, v in identity.items() if theirs.get(k) != v]
-        fail(f"{path} holds answers of another model or setting ({'; '.join(differs)}); "
-             f"use another --output-dir, or --overwrite to delete {len(found)} such file(s)")
-    for path, _ in found:
-        os.remove(path)
-        metrics = os.path.join(os.path.dirname(path), "metrics.json")
-        if path != results and os.path.exists(metrics):
-            os.remove(metrics)
-
-
-def open_for_append(path):
-    """Append mode that first ends a line cut off by a kill, or the next row would join it."""
-    f = open(path, "a+")
-    if f.tell():
-        f.seek(f.tell() - 1)
-        if f.read(1) != "\n":
-            f.write("\n")
-    return f
-
-
-def merge_answers(folder, questions):
-    """One answers.jsonl in question order, no duplicate; the part files go."""
-    answered = read_answered(folder)
-    rows = [answered[str(q["question_id"])] for q in questions if str(q["question_id"]) in answered]
-    tmp = os.path.join(folder, "answers.jsonl.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, os.path.join(folder, "answers.jsonl"))
-    for path in answer_parts(folder):
-        os.remove(path)
-    return rows
 
 
 # ---------------------------------------------------------------- generation
@@ -199,7 +101,7 @@ def batches_to_answer(questions, batch_size, answered):
 
 def generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
                      rank, world, device, identity):
-    answered = read_answered(folder)
+    answered = runs.read_answered(folder)
     mine = questions[rank::world]
     todo = batches_to_answer(mine, args.batch_size, answered)
     prompts = Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
@@ -208,7 +110,7 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
         collate_fn=lambda s: (s, conversation.collate(s, tokenizer.pad_token_id, left=True)))
     part = os.path.join(folder, f"answers.part-{rank}.jsonl")
     model_id = os.path.basename(os.path.normpath(args.model))
-    with open_for_append(part) as f:
+    with runs.open_for_append(part) as f:
         for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
             batch = {k: v.to(device) for k, v in batch.items()}
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
@@ -237,16 +139,6 @@ def result_row(model, bench, metrics, identity, params_b=None):
                 per_category=metrics.get("per_category", {}))
 
 
-def write_results(output_dir, rows):
-    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone."""
-    path = os.path.join(output_dir, "results.jsonl")
-    old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    redone = {r["benchmark"] for r in rows}
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
-    os.replace(path + ".tmp", path)  # a kill never leaves half a results file
-
-
 # ---------------------------------------------------------------- modes
 
 def score_only(args):
@@ -263,7 +155,7 @@ def main():
     args = parse_args()
     if args.score_only:
         return score_only(args)
-    rank, world, device = train.setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     names = args.bench.split(",")
     for name in names:
         if name not in benchmarks.BENCHMARKS:
@@ -276,11 +168,11 @@ def main():
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
-    identity = train.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
+    identity = distributed.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
     if rank == 0:  # one run per output directory at a time, and never another model's answers
-        train.lock_directory(args.output_dir)
-        check_earlier_outputs(args.output_dir, identity, args.overwrite)
-    train.barrier()  # no rank appends to an answer file before rank 0 has checked it
+        runs.lock_directory(args.output_dir)
+        runs.check_earlier_outputs(args.output_dir, identity, args.overwrite)
+    distributed.barrier()  # no rank appends to an answer file before rank 0 has checked it
 
     rows = []
     for bench in names:
@@ -295,19 +187,19 @@ def main():
         os.makedirs(folder, exist_ok=True)
         generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
                          rank, world, device, identity)
-        train.barrier()
+        distributed.barrier()
         if rank == 0:
-            answers = merge_answers(folder, questions)
+            answers = runs.merge_answers(folder, questions)
             metrics = benchmarks.score(bench, questions, answers)
             with open(os.path.join(folder, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
             rows.append(result_row(model, bench, metrics, identity, args.params_b))
             print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
-        train.barrier()
+        distributed.barrier()
     if rank == 0:
-        write_results(args.output_dir, rows)
-    train.end_distributed()
+        runs.write_results(args.output_dir, rows)
+    distributed.end_distributed()
 
 
 if __name__ == "__main__":

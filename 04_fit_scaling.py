@@ -25,12 +25,11 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from scaling_law import (N_RANGE, PAPER_BOX, PARAMS, TEXT_LENGTHS, VALID_TOKENS, BadInput, best_config, bootstrap,
+from scaling_law import (N_RANGE, PAPER_BOX, PARAMS, TEXT_LENGTHS, VALID_TOKENS, BadInput, Cells, best_config, bootstrap,
                          budget_query, check_identifiable, edge_warnings, fit_full_grid, fit_law, holdout_largest,
                          inference_flops, interval, law, on_edge, optimal_tokens_continuous, optimal_tokens_table,
                          optimal_tokens_valid)
@@ -95,22 +94,6 @@ def parse_args(argv):
 
 # -----------------------------------------------------------------------------
 # load: rows -> one averaged error per (N, V) cell
-
-@dataclass
-class Cells:
-    """The points the law is fitted to, one per (N, V) cell."""
-    N: np.ndarray  # LLM parameters, billions
-    V: np.ndarray  # visual tokens
-    error: np.ndarray  # 1 - accuracy averaged over the cell's benchmarks
-    source: str
-    benchmarks: list  # the benchmark names averaged ([] when the file names none)
-    # rows with a seed column (training replicates): Cells of one point per (N, V, seed), and each point's cell
-    seeds: object = None
-    seed_cell: np.ndarray = None
-
-    def subset(self, keep):
-        return Cells(self.N[keep], self.V[keep], self.error[keep], self.source, self.benchmarks)
-
 
 def read_records(path):
     """(line number, row dict) for every data line of a CSV or JSONL file; lines starting with # are comments."""
@@ -181,12 +164,15 @@ def number(row, column, where):
 
 
 def average_cells(records, path):
-    """Validate every row and average each (N, V) cell over its benchmarks. Returns (Cells, warnings)."""
+    """Validate every row and average each (N, V) cell over its benchmarks. Rows that name a training
+    seed (toy/demo.py --seeds) also give Cells.seeds, one point per (N, V, seed) averaged over its
+    rows, so the bootstrap can redraw the seeds of each cell. Returns (Cells, warnings)."""
     # results.jsonl carries raw metrics (MME ~1500) in score and [0, 1] values in normalized: prefer those.
     value_column = "normalized" if any("normalized" in row for _, row in records) else "score"
     needed = ("params_b", "tokens", value_column) + (("benchmark",) if value_column == "normalized" else ())
     per_cell = defaultdict(lambda: defaultdict(list))  # (N, V) -> benchmark -> values
     rows_of = defaultdict(int)  # (N, V, benchmark, seed) -> rows
+    per_seed = defaultdict(list)  # (N, V, seed) -> values
     for i, row in records:
         where = f"{path}, line {i}"
         missing = [c for c in needed if c not in row]
@@ -202,6 +188,7 @@ def average_cells(records, path):
             raise BadInput(f"{where}: {value_column} = {s:g} is outside [0, 1] (an accuracy)")
         per_cell[(n, v)][str(row.get("benchmark", ""))].append(s)
         rows_of[(n, v, str(row.get("benchmark", "")), row.get("seed"))] += 1
+        per_seed[(n, v, str(row.get("seed")))].append(s)
 
     warnings = []
     repeated = sum(count > 1 for count in rows_of.values())  # several seeds of one cell are replicates, not repeats
@@ -218,34 +205,21 @@ def average_cells(records, path):
     cells = sorted(per_cell)
     accuracy = [np.mean([np.mean(values) for values in per_cell[cell].values()]) for cell in cells]
     benchmarks = sorted(b for b in all_benchmarks if b)
-    return Cells(np.array([c[0] for c in cells]), np.array([c[1] for c in cells]),
-                 1 - np.array(accuracy), str(path), benchmarks), warnings
-
-
-def seed_points(records, cells):
-    """Rows that name a training seed (toy/demo.py --seeds): cells.seeds gets one point per (N, V, seed),
-    its error averaged over the benchmarks, so the bootstrap can redraw the seeds of each cell."""
-    if not any("seed" in row for _, row in records):
-        return cells
-    column = "normalized" if any("normalized" in row for _, row in records) else "score"
-    per_seed = defaultdict(list)
-    for _, row in records:
-        per_seed[(float(row["params_b"]), float(row["tokens"]), str(row.get("seed")))].append(float(row[column]))
-    if len(per_seed) == len(cells.N):  # one seed per cell: nothing to redraw
-        return cells
-    keys = sorted(per_seed)
-    index = {(n, v): j for j, (n, v) in enumerate(zip(cells.N, cells.V))}
-    cells.seeds = Cells(np.array([k[0] for k in keys]), np.array([k[1] for k in keys]),
-                        1 - np.array([np.mean(per_seed[k]) for k in keys]), cells.source, cells.benchmarks)
-    cells.seed_cell = np.array([index[k[:2]] for k in keys])
-    return cells
+    averaged = Cells(np.array([c[0] for c in cells]), np.array([c[1] for c in cells]),
+                     1 - np.array(accuracy), str(path), benchmarks)
+    if len(per_seed) > len(cells):  # several seeds in some cell: replicates to redraw
+        keys = sorted(per_seed)
+        averaged.seeds = Cells(np.array([k[0] for k in keys]), np.array([k[1] for k in keys]),
+                               1 - np.array([np.mean(per_seed[k]) for k in keys]), str(path), benchmarks)
+        averaged.seed_cell = np.array([cells.index(k[:2]) for k in keys])
+    return averaged, warnings
 
 
 def load_cells(path, suite, compressor):
     records = select_records(read_records(path), path, suite, compressor)
     cells, warnings = average_cells(records, path)
     check_identifiable(cells)
-    return seed_points(records, cells), warnings
+    return cells, warnings
 
 
 # -----------------------------------------------------------------------------
@@ -350,15 +324,6 @@ def json_ready(value):
     return value
 
 
-def output_dir(path):
-    """Made before the fit, so that an unusable --output-dir fails at once."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"{path}: cannot create the output directory ({e.strerror})")
-    return Path(path)
-
-
 def warn(warnings, *messages):
     for message in messages:
         print(f"warning: {message}", file=sys.stderr)
@@ -367,8 +332,11 @@ def warn(warnings, *messages):
 
 def run(args):
     # load
-    warnings = []
-    out_dir = output_dir(args.output_dir)
+    warnings, out_dir = [], Path(args.output_dir)
+    try:  # made before the fit, so that an unusable --output-dir fails at once
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{out_dir}: cannot create the output directory ({e.strerror})")
     cells, load_warnings = load_cells(PAPER_DATA[args.paper] if args.paper else args.scores, args.suite, args.compressor)
     warn(warnings, *load_warnings)
     box = {**PAPER_BOX, **{name: (lo, hi, PAPER_BOX[name][2]) for name, lo, hi in args.range}}  # ends only

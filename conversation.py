@@ -1,11 +1,7 @@
-"""Conversations -> model inputs: LLaVA's JSON format, images, chat templates, label masks, batches.
+"""Conversations -> model inputs: images, chat templates, label masks, batches.
 
-A record (LLaVA-1.5's docs/Data.md; docs/sources.md):
-    {"id": "...", "image": "coco/000.jpg",            # absent for text-only samples
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
-                       {"from": "gpt", "value": "A cat."}, ...]}
-
-Three templates (--conv-template), the label spans placed by character offsets:
+The records come from LLaVA's JSON files (llava_data.py). Three templates (--conv-template), the
+label spans placed by character offsets:
   chat       the LLM's own chat template; each assistant turn is found by rendering the
              conversation up to that turn, so the mask is right for any template (ChatML,
              Llama, ...) without per-template code
@@ -19,7 +15,6 @@ Three templates (--conv-template), the label spans placed by character offsets:
 Sequences start with BOS when the tokenizer adds one by default (Llama, Vicuna, Mistral; Qwen
 adds none), as LLaVA's tokenizer_image_token does; never two.
 """
-import json
 import os
 from contextlib import nullcontext
 
@@ -29,179 +24,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
-
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+from llava_data import ROLES, BadSample, record_name
 TEMPLATES = ("chat", "vicuna_v1", "plain")
 # LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md)
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-
-
-class BadSample(ValueError):
-    """A record that cannot be trained on; the message names the file and the record."""
-
-
-def record_name(path, index, record):
-    rid = record.get("id") if isinstance(record, dict) else None
-    return f"{path}: record" + (f" {index}" if index is not None else "") + (f" (id {rid})" if rid is not None else "")
-
-
-def read_records(path):
-    """A JSON list or JSONL file -> list of records. Malformed JSON names the line."""
-    return [record for record, _ in iter_records(path)]
-
-
-def iter_records(path, chunk=1 << 24):
-    """Yield (record, its JSON text) from a JSON list or JSONL file, reading a chunk of text at a
-    time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.
-    Malformed JSON names its line."""
-    with open(path, encoding="utf-8") as f:
-        text, lines_before, at_end = f.read(chunk), 0, False
-        if not text.lstrip().startswith("["):  # JSON lines
-            f.seek(0)
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line), line
-                    except json.JSONDecodeError as e:
-                        if line_number == 1 and line.lstrip().startswith("{") and is_one_object(path):
-                            raise BadSample(f"{path}: a JSON object where a list of records belongs "
-                                            "(LLaVA's format: [record, ...], or one record per line)") from None
-                        raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
-            return
-        decoder, position = json.JSONDecoder(), text.index("[") + 1
-        while True:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            try:
-                if position < len(text) and text[position] == "]":
-                    return
-                record, end = decoder.raw_decode(text, position)
-            except json.JSONDecodeError as e:
-                if at_end:
-                    raise BadSample(f"{path}: malformed JSON at line {lines_before + e.lineno}, column {e.colno}: "
-                                    f"{e.msg}") from None
-                more = f.read(chunk)  # the record may run on into the next chunk
-                at_end = not more
-                cut = text.rfind("\n", 0, position) + 1  # keep whole lines, so error lines and columns stay true
-                lines_before += text.count("\n", 0, cut)
-                text, position = text[cut:] + more, position - cut
-                continue
-            yield record, text[position:end]
-            position = end
-
-
-def is_one_object(path):
-    """Is the whole file one JSON object spread over several lines? (Read only to name an error.)"""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return isinstance(json.load(f), dict)
-    except ValueError:
-        return False
-
-
-def check_record(record):
-    """Raise ValueError saying what is wrong with one record's structure (its image: check_image)."""
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise ValueError("no 'conversations' list")
-    turns = record["conversations"]
-    for turn in turns:
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"a turn is not {{'from': human|gpt|system, 'value': str}}: {str(turn)[:80]}")
-    if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
-        raise ValueError("no gpt turn with an answer")
-    tags = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t["value"]]
-    if "image" not in record:
-        if tags:
-            raise ValueError(f"'{IMAGE_TOKEN}' in a sample that has no image")
-        return
-    if not tags:  # its visual tokens would have no place in the sequence
-        raise ValueError(f"an image but no '{IMAGE_TOKEN}' in the text")
-    if not isinstance(record["image"], str):
-        raise ValueError("'image' must be one file name (one image per sample)")
-    first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
-    if first_human is None or any(i != first_human for i in tags) or turns[first_human]["value"].count(IMAGE_TOKEN) > 1:
-        raise ValueError(f"'{IMAGE_TOKEN}' must appear once, in the first human turn")
-
-
-def check_image(path):
-    """Raise ValueError if the image is missing or its header unreadable (no decoding).
-    -> PIL's name of the format the file really holds ("JPEG", "GIF", ...)."""
-    try:
-        with Image.open(path) as image:
-            return image.format
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"unreadable image {path}: {e}") from None
-
-
-def valid_records(path, image_folder, skip_bad=False, log=print):
-    """Read and validate the whole file before training starts: yield (record, its JSON text) for
-    each record training can take. A bad record stops the run with its name, or with skip_bad is
-    logged and dropped."""
-    kept, bad = 0, 0
-    image_errors = {}  # image path -> its error or None: an image several records share is read once
-    for index, (record, text) in enumerate(iter_records(path)):
-        try:
-            check_record(record)
-            if "image" in record:
-                image = os.path.join(image_folder, record["image"])
-                if image not in image_errors:
-                    try:
-                        check_image(image)
-                        image_errors[image] = None
-                    except ValueError as e:
-                        image_errors[image] = str(e)
-                if image_errors[image]:
-                    raise ValueError(image_errors[image])
-        except ValueError as e:
-            if not skip_bad:
-                raise BadSample(f"{record_name(path, index, record)}: {e} (or pass --skip-bad-samples)") from None
-            log(f"skipping {record_name(path, index, record)}: {e}")
-            bad += 1
-            continue
-        kept += 1
-        yield record, text
-    if bad:
-        log(f"skipped {bad} bad samples of {kept + bad} in {path}")
-    if not kept:
-        raise BadSample(f"{path}: no usable samples")
-
-
-def load_records(path, image_folder, skip_bad=False, log=print):
-    """valid_records as a list of records."""
-    return [record for record, _ in valid_records(path, image_folder, skip_bad, log)]
-
-
-def write_records(texts, directory):
-    """Records' JSON texts -> DIRECTORY/records.txt, back to back, and the offset where each
-    starts in DIRECTORY/offsets.npy (read by RecordFile)."""
-    os.makedirs(directory, exist_ok=True)
-    offsets = [0]
-    with open(os.path.join(directory, "records.txt"), "wb") as f:
-        for text in texts:
-            offsets.append(offsets[-1] + f.write(text.encode()))
-    np.save(os.path.join(directory, "offsets.npy"), np.array(offsets, dtype=np.int64))
-
-
-class RecordFile:
-    """The records write_records wrote, each parsed when asked for. The file is memory-mapped, so
-    the ranks of a node and their data-loader workers share one copy in the page cache; 665K
-    parsed records held as a Python list cost each process several GB, and forked workers copy
-    that list page by page as they touch it."""
-
-    def __init__(self, directory):
-        self.offsets = np.load(os.path.join(directory, "offsets.npy"))
-        self.data = np.memmap(os.path.join(directory, "records.txt"), dtype=np.uint8, mode="r")
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return json.loads(self.data[self.offsets[index]:self.offsets[index + 1]].tobytes())
 
 
 # ---------------------------------------------------------------- images

@@ -1,10 +1,8 @@
 """The inference-time scaling law of arXiv 2411.03312, error(N, V) = A N^-alpha V^-beta + D: its fit,
 bootstrap and compute-optimal analysis. 04_fit_scaling.py reads the scores, calls these and reports.
-
-cells: one point per (N, V) cell, with N (LLM parameters, billions), V (visual tokens), error
-(1 - accuracy) and source (the file, for messages): 04_fit_scaling.Cells.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -23,6 +21,22 @@ BASIS_ELEMENTS = 1 << 22  # N^-alpha V^-beta values held at once: 32 MB, whateve
 
 class BadInput(Exception):
     """Input the script refuses: 04_fit_scaling.py prints it as one line and exits with status 2."""
+
+
+@dataclass
+class Cells:
+    """The points the law is fitted to, one per (N, V) cell."""
+    N: np.ndarray  # LLM parameters, billions
+    V: np.ndarray  # visual tokens
+    error: np.ndarray  # 1 - accuracy averaged over the cell's benchmarks
+    source: str  # the file, for messages
+    benchmarks: list  # the benchmark names averaged ([] when the file names none)
+    # rows with a seed column (training replicates): Cells of one point per (N, V, seed), and each point's cell
+    seeds: object = None
+    seed_cell: np.ndarray = None
+
+    def subset(self, keep):
+        return Cells(self.N[keep], self.V[keep], self.error[keep], self.source, self.benchmarks)
 
 
 def shortfalls(N, V, distinct):

@@ -8,8 +8,6 @@ with more than one process the LLM's decoder layers are sharded with FSDP2
 tower and the small projector are replicated.
 """
 import argparse
-import fcntl
-import glob
 import itertools
 import json
 import math
@@ -20,24 +18,21 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 import constants
 import conversation
+import distributed
+import llava_data
 import quecc
+import runs
 import vlm
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
 VISION = "openai/clip-vit-large-patch14-336"  # LLaVA-1.5's tower (scripts/v1_5/*.sh; docs/sources.md)
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -159,27 +154,7 @@ def fill_defaults(args, stage):
         args.projector = None
 
 
-# ---------------------------------------------------------------- distributed
-
-def setup_distributed():
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_sum(value, device):
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.item()
-
+# ---------------------------------------------------------------- FSDP
 
 def shard_llm(model, device):
     """FSDP2: each decoder layer is one unit (all-gathered just before it runs), then the rest
@@ -225,154 +200,6 @@ def approximate_length(record, visual_tokens):
     """LLaVA's modality-length proxy: words in the conversation, plus the visual tokens."""
     words = sum(len(t["value"].split()) for t in record["conversations"])
     return words + (visual_tokens if "image" in record else 0)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def checkpoint_dirs(output_dir):
-    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*[0-9]")))
-
-
-def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
-    """Sharded (torch.distributed.checkpoint) so FSDP ranks each write their part. Written to
-    a temporary directory and renamed: a crash mid-write leaves the previous one intact."""
-    final = os.path.join(output_dir, "checkpoints", f"step-{step:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = {"model": get_model_state_dict(model, options=options),
-             "optim": get_optimizer_state_dict(model, optimizer, options=options)}
-    dcp.save(state, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "settings": settings}, f)
-        shutil.rmtree(final, ignore_errors=True)  # a run restarted from scratch overwrites
-        os.rename(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
-            shutil.rmtree(old)
-    barrier()
-
-
-def load_newest_checkpoint(model, optimizer, output_dir, rank):
-    """-> the step to continue from (0 if none). A checkpoint that fails to load (truncated,
-    half-deleted) is reported and the one before it is tried."""
-    for directory in reversed(checkpoint_dirs(output_dir)):
-        try:
-            options = StateDictOptions(ignore_frozen_params=True)
-            state = {"model": get_model_state_dict(model, options=options),
-                     "optim": get_optimizer_state_dict(model, optimizer, options=options)}
-            dcp.load(state, checkpoint_id=directory)
-            # not strict: the frozen vision tower is deliberately absent from checkpoints
-            loading = StateDictOptions(ignore_frozen_params=True, strict=False)
-            set_model_state_dict(model, state["model"], options=loading)
-            set_optimizer_state_dict(model, optimizer, state["optim"], options=loading)
-            rng = torch.load(os.path.join(directory, f"rng-rank{rank}.pt"), weights_only=False)
-            with open(os.path.join(directory, "trainer_state.json")) as f:
-                step = json.load(f)["step"]
-        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__} {reason}); "
-                  "trying the previous one")
-            continue
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
-        print(f"[rank {rank}] resumed from {directory} at step {step}")
-        return step
-    if checkpoint_dirs(output_dir):  # a failed load may have written into the weights already
-        raise SystemExit(f"error: no checkpoint in {output_dir}/checkpoints could be loaded")
-    print(f"[rank {rank}] no checkpoint in {output_dir}/checkpoints; starting from step 0")
-    return 0
-
-
-# ---------------------------------------------------------------- the output directory
-
-# What a resume may change: how the run is carried out, not what it computes (the loss does
-# not depend on how a global batch is split; docs/training.md).
-MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
-_held_locks = []
-
-
-def run_settings(args):
-    """The settings that define a run, stored with each checkpoint and the final output."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
-
-
-def lock_directory(directory):
-    """An exclusive lock on DIR/.lock until this process ends (a kill releases it too): a second
-    run into the same directory stops at once instead of interleaving with the first. A POSIX
-    record lock, not flock: data-loader workers forked from this process do not hold it on."""
-    os.makedirs(directory, exist_ok=True)
-    handle = open(os.path.join(directory, ".lock"), "w")
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"error: {directory} is in use by another run (it holds the lock on {handle.name})") from None
-    _held_locks.append(handle)
-
-
-def changed_settings(saved, settings):
-    """-> '--name OLD -> NEW' for each setting that differs (a flag added since counts too)."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
-            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
-
-
-def prepare_output_dir(args, rank):
-    """Lock the output directory and make sure one run never mixes with another there:
-    without --resume, a directory holding a run is refused (--overwrite deletes it); with
-    --resume, the stored settings must equal this run's. -> True if the run already finished."""
-    directory = args.output_dir
-    if rank == 0:
-        lock_directory(directory)
-    final_config = os.path.join(directory, vlm.CONFIG_FILE)
-    holds = [name for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE)
-             if os.path.exists(os.path.join(directory, name))]
-    if args.overwrite:
-        if rank == 0:
-            for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE, vlm.PROJECTOR_FILE, "llm", "tokenizer"):
-                path = os.path.join(directory, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-        barrier()
-        return False
-    if holds and not args.resume:
-        raise SystemExit(f"error: {directory} holds another run ({', '.join(holds)}); pass --resume to continue "
-                         "it or --overwrite to delete it and start over")
-    settings = run_settings(args)
-    stored = [os.path.join(d, "trainer_state.json") for d in checkpoint_dirs(directory)] + [final_config]
-    for path in filter(os.path.exists, stored):
-        try:
-            with open(path) as f:
-                saved = json.load(f).get("settings")
-        except (OSError, ValueError):
-            continue  # an unreadable checkpoint is reported, and skipped, when it is loaded
-        changed = changed_settings(saved, settings) if saved is not None else []
-        if changed:
-            raise SystemExit(f"error: --resume would change the run in {directory}: {'; '.join(changed)} "
-                             f"(stored in {path}); use the run's settings, or --overwrite to start over")
-    return os.path.exists(final_config)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def from_rank0(value):
-    """Rank 0's value on every rank (a collective: every rank calls it; also a barrier)."""
-    if dist.is_initialized():
-        shared = [value]
-        dist.broadcast_object_list(shared)
-        value = shared[0]
-    return value
-
-
-def end_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- the program
@@ -421,7 +248,7 @@ def drop_undecodable(records, args, failed, say):
         path = os.path.join(args.image_folder, record["image"]) if "image" in record else None
         if path not in failed:
             continue
-        problem = f"{conversation.record_name(args.data, None, record)}: {failed[path]}"
+        problem = f"{llava_data.record_name(args.data, None, record)}: {failed[path]}"
         if not args.skip_bad_samples:
             raise SystemExit(f"error: {problem} (or pass --skip-bad-samples)")
         say(f"skipping {problem}")
@@ -472,7 +299,7 @@ def show_samples(args):
     tokenizer = vlm.load_tokenizer(args.llm)
     template = conv_template(args, tokenizer)
     # skipped records are reported on stderr: stdout is the JSON lines
-    records = conversation.load_records(args.data, args.image_folder, args.skip_bad_samples,
+    records = llava_data.load_records(args.data, args.image_folder, args.skip_bad_samples,
                                         log=lambda message: print(message, file=sys.stderr))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     for index, record in enumerate(records[:args.show_samples]):
@@ -480,7 +307,7 @@ def show_samples(args):
             sample = conversation.tokenize(tokenizer, record["conversations"], args.tokens, args.max_length,
                                            not args.image_after_question, template)
         except ValueError as e:
-            raise conversation.BadSample(f"{conversation.record_name(args.data, index, record)}: {e}") from None
+            raise llava_data.BadSample(f"{llava_data.record_name(args.data, index, record)}: {e}") from None
         ids, labels = sample["input_ids"], sample["labels"]
         text = "".join(decode(list(group)) if key else constants.IMAGE_TOKEN
                        for key, group in itertools.groupby(ids, lambda i: i != constants.IMAGE_SLOT))
@@ -495,21 +322,21 @@ RECORDS_DIR = "records"  # in the output directory while training runs
 
 def load_data(args, rank, say):
     """Rank 0 reads and validates the data, once for all ranks, and writes the records training
-    takes to OUTPUT/records/; every rank then maps that file (conversation.RecordFile). An error
+    takes to OUTPUT/records/; every rank then maps that file (llava_data.RecordFile). An error
     reaches every rank, so none waits for rank 0 forever."""
     directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
     if rank == 0:
         try:
-            records = conversation.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-            conversation.write_records((text for _, text in records), directory)
-        except (conversation.BadSample, OSError) as e:
+            records = llava_data.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
+            llava_data.write_records((text for _, text in records), directory)
+        except (llava_data.BadSample, OSError) as e:
             error = f"error: {e}"
-    error = from_rank0(error)
+    error = distributed.from_rank0(error)
     if error:  # a clean exit: a live process group aborts the process on its way out
-        end_distributed()
+        distributed.end_distributed()
     if error:
         raise SystemExit(error)
-    return conversation.RecordFile(directory)
+    return llava_data.RecordFile(directory)
 
 
 def main(stage):
@@ -517,9 +344,9 @@ def main(stage):
     if args.show_samples:
         try:
             return show_samples(args)
-        except (conversation.BadSample, OSError, ValueError) as e:
+        except (llava_data.BadSample, OSError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-    rank, world, device = setup_distributed()
+    rank, world, device = distributed.setup_distributed()
     torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
     accumulation, remainder = divmod(args.batch_size, world * args.micro_batch_size)
@@ -533,9 +360,9 @@ def main(stage):
         quecc.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if prepare_output_dir(args, rank):
+    if runs.prepare_output_dir(args, rank):
         say(f"{args.output_dir} holds this run, finished; nothing to do")
-        return end_distributed()
+        return distributed.end_distributed()
 
     # ---- build
     model, tokenizer, image_processor = build_model(args, device)
@@ -566,7 +393,7 @@ def main(stage):
             paths = [os.path.join(args.image_folder, r["image"]) for r in records if "image" in r]
             encoded, failed = cache.prepare(paths)
             say(f"feature cache {cache.directory}: {encoded} images encoded")
-        records = drop_undecodable(records, args, from_rank0(failed), say)
+        records = drop_undecodable(records, args, distributed.from_rank0(failed), say)
     dataset = conversation.SupervisedDataset(
         records, args.data, args.image_folder, tokenizer, image_processor, args.tokens, args.max_length,
         image_first=not args.image_after_question, skip_bad=args.skip_bad_samples, feature_cache=cache,
@@ -574,7 +401,7 @@ def main(stage):
     if args.standardize_features:
         try:
             measured = fit_standardization(model, dataset, tokenizer.pad_token_id, device)
-        except conversation.BadSample as e:
+        except llava_data.BadSample as e:
             raise SystemExit(f"error: {e} (or pass --skip-bad-samples)") from None
         say(f"standardized vision features with statistics of {measured} training images")
     batches = global_batches(len(dataset), args.batch_size, args.seed, args.epochs)
@@ -601,7 +428,7 @@ def main(stage):
     say(f"trainable parameters: {trainable / 1e6:.2f}M; {total_steps} steps of {args.batch_size} samples "
         f"({accumulation} x {args.micro_batch_size} per device x {world} devices)")
 
-    start = load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
+    start = runs.load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:  # keep the log in step with the checkpoint we continue from
         kept = []
@@ -623,13 +450,13 @@ def main(stage):
         t0 = time.time()
         try:
             micro = [next(micro_iter) for _ in range(accumulation)]
-        except conversation.BadSample as e:  # from a worker: keep its message, not its traceback
+        except llava_data.BadSample as e:  # from a worker: keep its message, not its traceback
             raise SystemExit(f"error: {str(e).strip().splitlines()[-1]} (or pass --skip-bad-samples)") from None
         # Loss = sum of token losses / label tokens in the WHOLE global batch (all micro-batches,
         # all ranks). Each micro-batch's mean would weight short answers up and make the result
         # depend on how the batch is split; this way it does not. FSDP averages gradients over
         # ranks, hence the factor `world`.
-        label_tokens = all_reduce_sum(sum((b["labels"] != constants.IGNORE).sum().item() for b in micro), device)
+        label_tokens = distributed.all_reduce_sum(sum((b["labels"] != constants.IGNORE).sum().item() for b in micro), device)
         if not label_tokens:  # every sample skipped: a step of loss 0 would be logged as learning
             raise SystemExit(f"error: step {step + 1}: no sample of the global batch has an answer token left")
         lr_scale = [lr_at(step, total_steps, warmup, g["base_lr"]) for g in optimizer.param_groups]
@@ -659,9 +486,9 @@ def main(stage):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = all_reduce_sum(loss_sum, device)
+        loss_value = distributed.all_reduce_sum(loss_sum, device)
         elapsed = time.time() - t0
-        tokens_all, samples_all = all_reduce_sum(tokens, device), all_reduce_sum(samples, device)
+        tokens_all, samples_all = distributed.all_reduce_sum(tokens, device), distributed.all_reduce_sum(samples, device)
         entry = dict(step=step + 1, loss=loss_value, lr=lr_scale[-1], grad_norm=grad_norm,
                      tokens_per_s=tokens_all / elapsed, samples_per_s=samples_all / elapsed)
         if peak:
@@ -672,14 +499,14 @@ def main(stage):
                 f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, run_settings(args))
+            runs.save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, runs.run_settings(args))
 
     # ---- save
     save_final(model, tokenizer, args, rank)
     if rank == 0:
         shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR))
     say(f"saved {args.output_dir}")
-    end_distributed()
+    distributed.end_distributed()
 
 
 def training_flops_per_token(llm, llm_trains, sequence_length):
@@ -716,7 +543,7 @@ def clip_gradients(groups, max_norm):
 def save_final(model, tokenizer, args, rank):
     """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
     extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question,
-                 settings=run_settings(args))
+                 settings=runs.run_settings(args))
     if not args.train_llm:
         if rank == 0:
             vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import conversation  # noqa: E402
+import llava_data  # noqa: E402
 
 # (data file, image folder) of each stage, as 01_pretrain_projector.py and 02_finetune.py default them
 STAGES = [("data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "data/LLaVA-Pretrain/images"),
@@ -48,7 +48,7 @@ def image_problem(path, decode):
     that is missing while a .gif or .png of that name exists (unusable), and a .jpg holding GIF or
     PNG data ("not JPEG": usable here, PIL reads by content, but worth knowing)."""
     try:
-        real = conversation.check_image(path)
+        real = llava_data.check_image(path)
         if decode:
             with Image.open(path) as image:
                 image.load()
@@ -73,11 +73,11 @@ def check(path, image_folder, decode):
     checked = {}  # image path -> problem: a COCO image used by several records is read once
     usable = []  # their JSON texts, as the file has them
     per_folder = defaultdict(Counter)
-    records = tqdm(conversation.iter_records(path), desc=os.path.basename(path), mininterval=5)
+    records = tqdm(llava_data.iter_records(path), desc=os.path.basename(path), mininterval=5)
     for index, (record, text) in enumerate(records):
-        name = conversation.record_name(path, index, record)
+        name = llava_data.record_name(path, index, record)
         try:
-            conversation.check_record(record)
+            llava_data.check_record(record)
         except ValueError as e:
             problems["refused"].append((name, str(e)))
             continue
@@ -128,7 +128,7 @@ def main():
             continue
         try:
             count, usable, problems = check(path, image_folder, args.decode)
-        except conversation.BadSample as e:  # malformed JSON, with its line
+        except llava_data.BadSample as e:  # malformed JSON, with its line
             print(f"error: {e}")
             wrong = True
             continue

@@ -50,8 +50,9 @@ def test_checker_finds_each_trap_and_writes_the_usable_records(tmp_path):
     assert [line.split() for line in out.splitlines() if line.strip().split()[:1] == ["coco"]] == \
         [["coco", "3", "2", "1", "0", "0", "0"]]
     assert f"{path}: record 2 (id lost): image not found: {data}/coco/train2017/2.jpg" in out
-    assert f"record 3 (id gif): {data}/ocr_vqa/images/gif.jpg is missing but {data}/ocr_vqa/images/gif.gif exists" in out
-    assert f"record 4 (id png): {data}/ocr_vqa/images/png.jpg holds PNG data under a .jpg name" in out
+    assert any(all(part in line for part in ("record 3 (id gif)", "gif.jpg", "missing", "gif.gif exists"))
+               for line in out.splitlines())
+    assert any(all(part in line for part in ("record 4 (id png)", "png.jpg", "PNG data")) for line in out.splitlines())
     assert "record 5 (id garbage): unreadable image" in out
     assert "record 8 (id tag-no-image): '<image>' in a sample that has no image" in out
     assert "record 9 (id no-answer): no gpt turn with an answer" in out

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 import conversation
+import llava_data
 import toy
 from constants import IGNORE, IMAGE_SLOT
 
@@ -255,19 +256,19 @@ def good_record(tmp_path, rid="ok"):
 def test_bad_record_names_file_and_record(tmp_path, record, message):
     (tmp_path / "corrupt.png").write_bytes(b"this is not a png")
     path = write(tmp_path, [good_record(tmp_path), record])
-    with pytest.raises(conversation.BadSample, match=f"data.json: record 1 \\(id r1\\): {message}"):
-        conversation.load_records(path, tmp_path)
+    with pytest.raises(llava_data.BadSample, match=f"data.json: record 1 \\(id r1\\): {message}"):
+        llava_data.load_records(path, tmp_path)
 
 
 def test_malformed_json_names_the_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(good_record(tmp_path)) + "\n{\"id\": broken\n")
-    with pytest.raises(conversation.BadSample, match="data.jsonl: malformed JSON on line 2"):
-        conversation.load_records(path, tmp_path)
+    with pytest.raises(llava_data.BadSample, match="data.jsonl: malformed JSON on line 2"):
+        llava_data.load_records(path, tmp_path)
     path = tmp_path / "data.json"
     path.write_text("[\n" + json.dumps(good_record(tmp_path)) + ",\n{oops}]")
-    with pytest.raises(conversation.BadSample, match="data.json: malformed JSON at line 3"):
-        conversation.load_records(path, tmp_path)
+    with pytest.raises(llava_data.BadSample, match="data.json: malformed JSON at line 3"):
+        llava_data.load_records(path, tmp_path)
 
 
 def test_skip_bad_samples_logs_each_and_counts(tmp_path):
@@ -275,7 +276,7 @@ def test_skip_bad_samples_logs_each_and_counts(tmp_path):
            {"id": "b2", "conversations": [{"from": "human", "value": "hi"}]}]
     path = write(tmp_path, [good_record(tmp_path)] + bad)
     lines = []
-    kept = conversation.load_records(path, tmp_path, skip_bad=True, log=lines.append)
+    kept = llava_data.load_records(path, tmp_path, skip_bad=True, log=lines.append)
     assert [r["id"] for r in kept] == ["ok"]
     assert "id b1" in lines[0] and "id b2" in lines[1]
     assert lines[-1].startswith("skipped 2 bad samples of 3")
@@ -289,7 +290,7 @@ def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
     record = {"id": "t1", "image": "trunc.png", "conversations": TURNS[:2]}
     dataset = conversation.SupervisedDataset([record], "d.json", tmp_path, tokenizer,
                                              toy.build_image_processor(), 4, 512)
-    with pytest.raises(conversation.BadSample, match="d.json: record 0 \\(id t1\\)"):
+    with pytest.raises(llava_data.BadSample, match="d.json: record 0 \\(id t1\\)"):
         dataset[0]
 
 
@@ -315,15 +316,15 @@ def test_an_image_several_records_share_is_read_once(tmp_path, monkeypatch):
     opened = []
     monkeypatch.setattr(conversation.Image, "open", lambda path, *a: opened.append(path) or Image.new("RGB", (4, 4)))
     records = [dict(good_record(tmp_path), id=str(i)) for i in range(3)] + [dict(good_record(tmp_path), image="b.png")]
-    kept = conversation.load_records(write(tmp_path, records), tmp_path)
+    kept = llava_data.load_records(write(tmp_path, records), tmp_path)
     assert len(kept) == 4 and len(opened) == 2
 
 
 def test_record_file_gives_back_each_record(tmp_path):
     records = [{"id": 1, "conversations": [{"from": "human", "value": "Grüße, 日本 🙂\nzwei"}]},
                {"id": "x", "image": "a/b.jpg", "conversations": []}] * 3
-    conversation.write_records([json.dumps(r, ensure_ascii=False) for r in records], tmp_path / "records")
-    stored = conversation.RecordFile(tmp_path / "records")
+    llava_data.write_records([json.dumps(r, ensure_ascii=False) for r in records], tmp_path / "records")
+    stored = llava_data.RecordFile(tmp_path / "records")
     assert len(stored) == 6 and [stored[i] for i in range(6)] == records and list(stored) == records
 
 
@@ -336,7 +337,7 @@ def test_records_stream_in_chunks_as_json_load_reads_them(tmp_path):
     text = json.dumps(records, indent=4, ensure_ascii=False)
     path.write_text(text)
     for chunk in (7, 100, 1 << 24):
-        pairs = list(conversation.iter_records(path, chunk))
+        pairs = list(llava_data.iter_records(path, chunk))
         assert [r for r, _ in pairs] == records and [json.loads(t) for _, t in pairs] == records
     lines = text.splitlines()
     broken = max(i for i, line in enumerate(lines) if '"x"' in line)  # deep in the last record
@@ -346,6 +347,6 @@ def test_records_stream_in_chunks_as_json_load_reads_them(tmp_path):
         json.loads("\n".join(lines))
     assert whole.value.lineno == broken + 1
     for chunk in (7, 100, 1 << 24):
-        with pytest.raises(conversation.BadSample,
+        with pytest.raises(llava_data.BadSample,
                            match=f"data.json: malformed JSON at line {broken + 1}, column {whole.value.colno}: "):
-            list(conversation.iter_records(path, chunk))
+            list(llava_data.iter_records(path, chunk))

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 import constants
 import benchmarks
 import conversation
+import llava_data
+import runs
 import train
 import vlm
 from conftest import ROOT, run_script
@@ -65,19 +67,19 @@ def test_image_record_without_image_marker_is_refused_by_id(toy_data, tmp_path):
     records[index]["conversations"][0]["value"] = records[index]["conversations"][0]["value"].replace("<image>", "")
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(conversation.BadSample, match=rf"record {index} \(id {records[index]['id']}\): an image but no"):
-        conversation.load_records(path, toy_data / "images")
-    kept = conversation.load_records(path, toy_data / "images", skip_bad=True, log=lambda *a: None)
+    with pytest.raises(llava_data.BadSample, match=rf"record {index} \(id {records[index]['id']}\): an image but no"):
+        llava_data.load_records(path, toy_data / "images")
+    kept = llava_data.load_records(path, toy_data / "images", skip_bad=True, log=lambda *a: None)
     assert len(kept) == 5 and records[index] not in kept
 
 
 def test_json_object_where_a_list_belongs_is_named(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"data": [{"id": 1}]}, indent=2))
-    with pytest.raises(conversation.BadSample, match="a JSON object .*where a list of records belongs"):
-        conversation.read_records(path)
+    with pytest.raises(llava_data.BadSample, match="a JSON object .*where a list of records belongs"):
+        llava_data.read_records(path)
     path.write_text(json.dumps({"id": 1, "conversations": []}) + "\n")  # JSON Lines of one record is fine
-    assert conversation.read_records(path) == [{"id": 1, "conversations": []}]
+    assert llava_data.read_records(path) == [{"id": 1, "conversations": []}]
 
 
 def test_a_sample_whose_answers_max_length_cuts_is_refused(tokenizer):
@@ -163,7 +165,7 @@ def test_an_output_directory_holding_a_run_is_refused_without_resume_or_overwrit
 
 def test_resume_refuses_changed_settings_and_allows_the_others(toy_data, tmp_path):
     stage1(toy_data, tmp_path, "--max-steps", "3", "--save-every", "1")
-    state = json.load(open(train.checkpoint_dirs(tmp_path)[-1] + "/trainer_state.json"))
+    state = json.load(open(runs.checkpoint_dirs(tmp_path)[-1] + "/trainer_state.json"))
     assert state["step"] == 2 and state["settings"]["lr"] == 1e-3
     refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--lr", "2e-3", check=False),
             "--lr 0.001 -> 0.002")
@@ -174,7 +176,7 @@ def test_resume_refuses_changed_settings_and_allows_the_others(toy_data, tmp_pat
 
 
 def test_a_second_run_into_a_locked_directory_is_refused(toy_data, tmp_path, checkpoint):
-    locker = subprocess.Popen([sys.executable, "-c", "import sys, time, train; train.lock_directory(sys.argv[1]); "
+    locker = subprocess.Popen([sys.executable, "-c", "import sys, time, runs; runs.lock_directory(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+import runs
 import toy
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
@@ -408,7 +408,7 @@ def main():
         return
     started = time.time()
     out = os.path.abspath(args.out)
-    train.lock_directory(out)  # one demo at a time in one --out
+    runs.lock_directory(out)  # one demo at a time in one --out
     check_settings(out, args)
     log = os.path.join(out, "demo.log")
     data = os.path.join(out, "data")

@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import conversation
+
 
 def _hash_bytes(chunks):
     digest = hashlib.sha1()
@@ -95,7 +97,6 @@ class FeatureCache:
         """Encode, in batches, the images whose features are not cached yet. An image that fails
         to decode is left out. -> (images encoded, {path: why} for every path of those that failed,
         so a caller needs no other look at the cache to know which records lost their image)."""
-        import conversation  # imported here: conversation imports vlm, which this module must not need
         todo, paths_of = [], {}  # paths_of: cache file -> the paths holding that image
         for path in paths:
             file = self.file(path)

@@ -1,0 +1,47 @@
+"""One process, `torchrun` or `accelerate launch`: the few collectives training and evaluation share.
+Every function is a no-op (or the identity) in a single process."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed():
+    """-> (rank, world size, device), from the launcher's environment."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(value, device):
+    """A number summed over all ranks."""
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def from_rank0(value):
+    """Rank 0's value on every rank (a collective: every rank calls it; also a barrier)."""
+    if dist.is_initialized():
+        shared = [value]
+        dist.broadcast_object_list(shared)
+        value = shared[0]
+    return value
+
+
+def end_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,260 @@
+"""What a run leaves in its output directory, so that it can be killed and resumed and never mixes
+with another run: the directory lock, training's stored settings and checkpoints, evaluation's
+answer files and results. The scripts' loops call these; none of it changes what is computed.
+"""
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+import benchmarks
+import vlm
+from distributed import barrier
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
+_held_locks = []
+
+
+def lock_directory(directory):
+    """An exclusive lock on DIR/.lock until this process ends (a kill releases it too): a second
+    run into the same directory stops at once instead of interleaving with the first. A POSIX
+    record lock, not flock: data-loader workers forked from this process do not hold it on."""
+    os.makedirs(directory, exist_ok=True)
+    handle = open(os.path.join(directory, ".lock"), "w")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: {directory} is in use by another run (it holds the lock on {handle.name})") from None
+    _held_locks.append(handle)
+
+
+# ---------------------------------------------------------------- training runs (01, 02)
+
+# What a resume may change: how the run is carried out, not what it computes (the loss does
+# not depend on how a global batch is split; docs/training.md).
+MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
+                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
+
+
+def run_settings(args):
+    """The settings that define a run, stored with each checkpoint and the final output."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+
+
+def changed_settings(saved, settings):
+    """-> '--name OLD -> NEW' for each setting that differs (a flag added since counts too)."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
+            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+
+
+def prepare_output_dir(args, rank):
+    """Lock the output directory and make sure one run never mixes with another there:
+    without --resume, a directory holding a run is refused (--overwrite deletes it); with
+    --resume, the stored settings must equal this run's. -> True if the run already finished."""
+    directory = args.output_dir
+    if rank == 0:
+        lock_directory(directory)
+    final_config = os.path.join(directory, vlm.CONFIG_FILE)
+    holds = [name for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE)
+             if os.path.exists(os.path.join(directory, name))]
+    if args.overwrite:
+        if rank == 0:
+            for name in ("checkpoints", "log.jsonl", vlm.CONFIG_FILE, vlm.PROJECTOR_FILE, "llm", "tokenizer"):
+                path = os.path.join(directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        barrier()
+        return False
+    if holds and not args.resume:
+        raise SystemExit(f"error: {directory} holds another run ({', '.join(holds)}); pass --resume to continue "
+                         "it or --overwrite to delete it and start over")
+    settings = run_settings(args)
+    stored = [os.path.join(d, "trainer_state.json") for d in checkpoint_dirs(directory)] + [final_config]
+    for path in filter(os.path.exists, stored):
+        try:
+            with open(path) as f:
+                saved = json.load(f).get("settings")
+        except (OSError, ValueError):
+            continue  # an unreadable checkpoint is reported, and skipped, when it is loaded
+        changed = changed_settings(saved, settings) if saved is not None else []
+        if changed:
+            raise SystemExit(f"error: --resume would change the run in {directory}: {'; '.join(changed)} "
+                             f"(stored in {path}); use the run's settings, or --overwrite to start over")
+    return os.path.exists(final_config)
+
+
+def checkpoint_dirs(output_dir):
+    return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*[0-9]")))
+
+
+def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
+    """Sharded (torch.distributed.checkpoint) so FSDP ranks each write their part. Written to
+    a temporary directory and renamed: a crash mid-write leaves the previous one intact."""
+    final = os.path.join(output_dir, "checkpoints", f"step-{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(model, options=options),
+             "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+    dcp.save(state, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "settings": settings}, f)
+        shutil.rmtree(final, ignore_errors=True)  # a run restarted from scratch overwrites
+        os.rename(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
+            shutil.rmtree(old)
+    barrier()
+
+
+def load_newest_checkpoint(model, optimizer, output_dir, rank):
+    """-> the step to continue from (0 if none). A checkpoint that fails to load (truncated,
+    half-deleted) is reported and the one before it is tried."""
+    for directory in reversed(checkpoint_dirs(output_dir)):
+        try:
+            options = StateDictOptions(ignore_frozen_params=True)
+            state = {"model": get_model_state_dict(model, options=options),
+                     "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+            dcp.load(state, checkpoint_id=directory)
+            # not strict: the frozen vision tower is deliberately absent from checkpoints
+            loading = StateDictOptions(ignore_frozen_params=True, strict=False)
+            set_model_state_dict(model, state["model"], options=loading)
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=loading)
+            rng = torch.load(os.path.join(directory, f"rng-rank{rank}.pt"), weights_only=False)
+            with open(os.path.join(directory, "trainer_state.json")) as f:
+                step = json.load(f)["step"]
+        except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__} {reason}); "
+                  "trying the previous one")
+            continue
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        print(f"[rank {rank}] resumed from {directory} at step {step}")
+        return step
+    if checkpoint_dirs(output_dir):  # a failed load may have written into the weights already
+        raise SystemExit(f"error: no checkpoint in {output_dir}/checkpoints could be loaded")
+    print(f"[rank {rank}] no checkpoint in {output_dir}/checkpoints; starting from step 0")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluations (03)
+
+def answer_parts(folder):
+    return sorted(glob.glob(os.path.join(folder, "answers.part-*.jsonl")))
+
+
+def answer_files(folder):
+    return [path for path in [os.path.join(folder, "answers.jsonl")] + answer_parts(folder) if os.path.exists(path)]
+
+
+def read_answer_rows(path):
+    """The rows of one answer file. A last line cut off by a kill is ignored: its batch is
+    answered again."""
+    rows = []
+    for number, line in enumerate(open(path), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        problem = benchmarks.answer_problem(row) if isinstance(row, dict) else "not a JSON object"
+        if problem:
+            raise SystemExit(f"error: {path}:{number}: {problem}")
+        rows.append(row)
+    return rows
+
+
+def read_answered(folder):
+    """{question_id: answer row} from the merged file and every part file."""
+    answered = {}
+    for path in answer_files(folder):
+        for row in read_answer_rows(path):
+            answered.setdefault(str(row["question_id"]), row)
+    return answered
+
+
+def model_fingerprint(directory):
+    """sha1 of the files that make the model: its config, projector and, when trained, LLM
+    weights (a 7B LLM takes ~10 s to read). Every answer carries it."""
+    digest = hashlib.sha1()
+    files = [vlm.CONFIG_FILE, vlm.PROJECTOR_FILE] + sorted(
+        os.path.relpath(f, directory) for f in glob.glob(os.path.join(directory, "llm", "*.safetensors")))
+    for name in files:
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def check_earlier_outputs(output_dir, identity, overwrite):
+    """Answers and results in output_dir must come from this model with these settings: reusing
+    them would score another model. Refused, or deleted with --overwrite."""
+    def other(rows, key):  # the first identity that is not ours, or None
+        return next((row.get(key) or {} for row in rows if row.get(key) != identity), None)
+
+    found = []
+    results = os.path.join(output_dir, "results.jsonl")
+    if os.path.exists(results):
+        found.append((results, other([json.loads(line) for line in open(results)], "identity")))
+    for folder in sorted(glob.glob(os.path.join(output_dir, "*", ""))):
+        found += [(path, other(read_answer_rows(path), "metadata")) for path in answer_files(folder)]
+    found = [(path, theirs) for path, theirs in found if theirs is not None]
+    if found and not overwrite:
+        path, theirs = found[0]
+        differs = [f"{k} {theirs.get(k)!r}, this run {v!r}" for k, v in identity.items() if theirs.get(k) != v]
+        raise SystemExit(f"error: {path} holds answers of another model or setting ({'; '.join(differs)}); "
+                         f"use another --output-dir, or --overwrite to delete {len(found)} such file(s)")
+    for path, _ in found:
+        os.remove(path)
+        metrics = os.path.join(os.path.dirname(path), "metrics.json")
+        if path != results and os.path.exists(metrics):
+            os.remove(metrics)
+
+
+def open_for_append(path):
+    """Append mode that first ends a line cut off by a kill, or the next row would join it."""
+    f = open(path, "a+")
+    if f.tell():
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
+
+
+def merge_answers(folder, questions):
+    """One answers.jsonl in question order, no duplicate; the part files go."""
+    answered = read_answered(folder)
+    rows = [answered[str(q["question_id"])] for q in questions if str(q["question_id"]) in answered]
+    tmp = os.path.join(folder, "answers.jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, os.path.join(folder, "answers.jsonl"))
+    for path in answer_parts(folder):
+        os.remove(path)
+    return rows
+
+
+def write_results(output_dir, rows):
+    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone."""
+    path = os.path.join(output_dir, "results.jsonl")
+    old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    redone = {r["benchmark"] for r in rows}
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
+    os.replace(path + ".tmp", path)  # a kill never leaves half a results file
