@@ -29,11 +29,6 @@ def record_name(path, index, record):
     return f"{path}: record" + (f" {index}" if index is not None else "") + (f" (id {rid})" if rid is not None else "")
 
 
-def read_records(path):
-    """A JSON list or JSONL file -> list of records. Malformed JSON names the line."""
-    return [record for record, _ in iter_records(path)]
-
-
 def iter_records(path, chunk=1 << 24):
     """Yield (record, its JSON text) from a JSON list or JSONL file, reading a chunk of text at a
     time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.

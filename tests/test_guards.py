@@ -77,9 +77,9 @@ def test_json_object_where_a_list_belongs_is_named(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({"data": [{"id": 1}]}, indent=2))
     with pytest.raises(llava_data.BadSample, match="a JSON object .*where a list of records belongs"):
-        llava_data.read_records(path)
+        list(llava_data.iter_records(path))
     path.write_text(json.dumps({"id": 1, "conversations": []}) + "\n")  # JSON Lines of one record is fine
-    assert llava_data.read_records(path) == [{"id": 1, "conversations": []}]
+    assert [record for record, _ in llava_data.iter_records(path)] == [{"id": 1, "conversations": []}]
 
 
 def test_a_sample_whose_answers_max_length_cuts_is_refused(tokenizer):

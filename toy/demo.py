@@ -90,7 +90,8 @@ def parse_args():
     p.add_argument("--compressor", default="quecc")
     p.add_argument("--vision", default="toy", help="toy, or a directory of a CLIP vision model")
     p.add_argument("--stage1-steps", type=int, default=10)
-    p.add_argument("--stage2-steps", type=int, default=200)
+    p.add_argument("--stage2-steps", type=int, default=400, help="(at 200, seeds of a cell differed by up to "
+                   "10 points: types half learned; docs/toy_noise.md)")
     p.add_argument("--num-train", type=int, default=2000, help="training images")
     p.add_argument("--num-eval", type=int, default=100, help="held-out images (4-6 questions each)")
     p.add_argument("--seeds", type=int, help="training seeds per (LLM size, V), 1..K (default 2, with --full 3): "
