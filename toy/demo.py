@@ -37,7 +37,7 @@ import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
-# two seeds of 6 cells: 12 runs, 9 min 39 s from a fresh clone on 2 idle cores (docs/toy_world.md); two
+# two seeds of 6 cells: 12 runs, 15 min 34 s from a fresh clone on 2 idle cores (docs/toy_world.md); two
 # seeds of the earlier 3 sizes x V in 1, 4, 16, 144 would be 24 runs, about twice as long
 DEFAULT_GRID = ("toy-xs,toy-m", "1,16,144")
 FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
