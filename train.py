@@ -5,7 +5,8 @@ defaults (LLaVA-1.5's numbers); everything else is shared, so the two stages
 cannot drift apart. One process, `torchrun` or `accelerate launch` all work:
 with more than one process the LLM's decoder layers are sharded with FSDP2
 (torch's own fully_shard; it also shards on CPU with gloo), the frozen vision
-tower and the small projector are replicated.
+tower and the small projector are replicated. What the run keeps on disk to be
+killed and resumed is runs.py; the data file's reading and checks, llava_data.py.
 """
 import argparse
 import itertools
