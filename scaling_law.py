@@ -227,7 +227,7 @@ def seed_weights(cells, W, seed):
 
 def bootstrap(cells, box, resamples, seed, chunk=100):
     W = bootstrap_weights(cells, resamples, seed)
-    if getattr(cells, "seeds", None) is not None:  # the intervals include the training noise: each drawn cell redraws its seeds
+    if cells.seeds is not None:  # the intervals include the training noise: each drawn cell redraws its seeds
         cells, W = cells.seeds, seed_weights(cells, W, seed)
     fits = []
     with tqdm(total=resamples, desc="bootstrap", unit="fit", leave=False) as bar:

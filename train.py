@@ -301,7 +301,7 @@ def show_samples(args):
     template = conv_template(args, tokenizer)
     # skipped records are reported on stderr: stdout is the JSON lines
     records = llava_data.load_records(args.data, args.image_folder, args.skip_bad_samples,
-                                        log=lambda message: print(message, file=sys.stderr))
+                                      log=lambda message: print(message, file=sys.stderr))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     for index, record in enumerate(records[:args.show_samples]):
         try:
@@ -335,7 +335,6 @@ def load_data(args, rank, say):
     error = distributed.from_rank0(error)
     if error:  # a clean exit: a live process group aborts the process on its way out
         distributed.end_distributed()
-    if error:
         raise SystemExit(error)
     return llava_data.RecordFile(directory)
 

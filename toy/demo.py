@@ -273,7 +273,7 @@ def score_kept_types(rows, noisy, counts):
 
 
 def by_cell(rows, split, key="score"):
-    """{(LLM size, V): [value of each seed]} of one split."""
+    """{run name (LLM size and V): [value of each seed]} of one split."""
     cells = defaultdict(list)
     for r in rows:
         if r["benchmark"] == SPLITS[split]:
