@@ -137,6 +137,12 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     # other settings would reuse models trained with the old ones: refused
     result = run_script(*[a if a != "4" else "5" for a in args], check=False)
     assert result.returncode != 0 and "--stage2-steps 4 (now 5)" in result.stderr
+    # so would runs made under another learning-rate rule (the rule is code, not a flag)
+    settings = json.loads((out / "settings.json").read_text())
+    settings["stage2_lr"]["toy-xs"] *= 2
+    (out / "settings.json").write_text(json.dumps(settings))
+    result = run_script(*args, check=False)
+    assert result.returncode != 0 and "stage-2 learning rates" in result.stderr and "toy-xs" in result.stderr
 
 
 ARGS = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,
@@ -172,7 +178,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "set by the box rather than the data: reasoning: beta = 0.05 on the upper edge of [0, 0.05]." in summary
     assert "Whole-grid optimum (the number to compare with the release's): reasoning alpha 0.0312, beta 0.0500." in summary
-    assert "(lr toy-xs 0.003, toy-l 0.00075)" in summary  # 3e-3 up to width 64, then times 64/width
+    assert "(lr toy-xs 0.0015, toy-l 0.00075)" in summary  # 1.5e-3 up to width 128, then times 128/width
     reasoning, ocr = summary.split("**ocr**")
     assert "(+10.0 points)" in reasoning and "(+40.0 points)" in reasoning and "opposite of the paper's" in reasoning
     assert "Neither raises accuracy by a point: no ordering to read." in ocr
