@@ -225,7 +225,7 @@ def test_question_types_at_the_answer_prior_are_left_out_of_the_means_and_named(
     assert f"**ocr**: every question type is {demo.NOT_LEARNED} in every run" in summary
 
 
-def test_a_yes_no_type_answered_from_the_image_is_kept():
+def test_a_yes_no_type_answered_from_the_image_is_kept(tmp_path):
     """Twice a yes/no question's baseline (50%) is out of reach, so the bar is halfway to 100%: exists
     at 80% in one run is read from the image and stays in the means; at 75% in every run it is not."""
     rows = score_rows(lambda big, many: 0.6 + many * 0.2, lambda big, many: 0.05 + many * 0.03, 0.02)
@@ -234,7 +234,11 @@ def test_a_yes_no_type_answered_from_the_image_is_kept():
         row["per_category"]["exists"] = 75.0
     assert demo.noisy_types(rows, BASELINES)["reasoning"] == ["exists"]
     rows[0]["per_category"]["exists"] = 80.0
-    assert demo.noisy_types(rows, BASELINES)["reasoning"] == []
+    noisy = demo.noisy_types(rows, BASELINES)
+    assert noisy["reasoning"] == []
+    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| exists |" in summary and "Left out of the means: the whole ocr split" in summary
 
 
 def test_fit_bootstrap_redraws_the_seeds_of_each_cell(tmp_path):

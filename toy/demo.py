@@ -37,7 +37,7 @@ import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
-# two seeds of 6 cells: 12 runs, 15 min 34 s from a fresh clone on 2 idle cores (docs/toy_world.md); two
+# two seeds of 6 cells: 12 runs, 16 min 19 s from a fresh clone on 2 idle cores (docs/toy_world.md); two
 # seeds of the earlier 3 sizes x V in 1, 4, 16, 144 would be 24 runs, about twice as long
 DEFAULT_GRID = ("toy-xs,toy-m", "1,16,144")
 FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
@@ -252,7 +252,7 @@ def question_counts(questions_file):
     return Counter(json.loads(line).get("category", "all") for line in open(questions_file))
 
 
-NOT_LEARNED = "at or below twice the majority-answer baseline, or halfway from it to 100% where that is lower"
+NOT_LEARNED = "at or below twice the majority-answer baseline (or halfway from it to 100%, where that is lower)"
 
 
 def learned_bar(baseline):
@@ -341,8 +341,9 @@ def write_summary(out, rows, fits, baselines, noisy, args, seconds):
                 if set(noisy[split]) == set(baselines[split]) else f"{', '.join(noisy[split])} ({split})"
                 for split in SPLITS if noisy[split]]
     if left_out:
-        lines += ["", "Left out of the means (* above; the reasoning and OCR columns and the fits use the other "
-                  "question types): " + "; ".join(left_out) + f": {NOT_LEARNED} in every run, so they "
+        starred = (" (* above; the reasoning and OCR columns and the fits use the other question types)"
+                   if noisy["reasoning"] else "")
+        lines += ["", f"Left out of the means{starred}: " + "; ".join(left_out) + f": {NOT_LEARNED} in every run, so they "
                   "measure the answer prior, not the image."]
     best = {c: max(max(values) for values in per_type[c].values()) for c in categories}
     lines += ["", "Best run per question type, as a multiple of the majority-answer baseline: " +
