@@ -117,9 +117,9 @@ RUN_SETTINGS = ("compressor", "vision", "stage1_steps", "stage2_steps", "num_tra
 
 def stage2_lr(size):
     """STAGE2_LR up to width 128, times 128/width above: an Adam step moves a hidden layer's output
-    in proportion to width x lr. Measured with four seeds (docs/toy_noise.md): at 3e-3 the width-128
-    toy-m learned colour and shape in some seeds and not in others, and the width-32 toy-xs at V = 1
-    read nothing of the image in one seed of four; at 1.5e-3 neither happened."""
+    in proportion to width x lr. Measured (docs/toy_noise.md): at 3e-3 the width-128 toy-m learned
+    colour and shape in some seeds and not in others, and the width-32 toy-xs at V = 1 read nothing
+    of the image in one seed of four; at 1.5e-3 neither happened in the seeds tried."""
     return STAGE2_LR * min(1, 128 / toy.LLM_SIZES[size][0])
 
 
