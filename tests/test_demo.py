@@ -143,6 +143,11 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     (out / "settings.json").write_text(json.dumps(settings))
     result = run_script(*args, check=False)
     assert result.returncode != 0 and "stage-2 learning rates" in result.stderr and "toy-xs" in result.stderr
+    settings["stage2_lr"]["toy-xs"] /= 2
+    settings["stage2_batch"] = 8  # a batch size set in toy/demo.py, not by a flag
+    (out / "settings.json").write_text(json.dumps(settings))
+    result = run_script(*args, check=False)
+    assert result.returncode != 0 and "stage-2 batch size 8 (now 16)" in result.stderr
 
 
 ARGS = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,

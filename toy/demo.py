@@ -111,8 +111,11 @@ def parse_args():
     return args
 
 
-# The settings that decide what every run in --out learns (the grid only decides which runs).
+# The settings that decide what every run in --out learns (the grid only decides which runs): flags,
+# and those set in this file, named here as the refusal names them.
 RUN_SETTINGS = ("compressor", "vision", "stage1_steps", "stage2_steps", "num_train", "num_eval", "seeds")
+CODE_SETTINGS = {"stage1_batch": "stage-1 batch size", "stage2_batch": "stage-2 batch size",
+                 "stage2_lr": "stage-2 learning rates"}
 
 
 def stage2_lr(size):
@@ -127,11 +130,12 @@ def check_settings(out, args):
     """A rerun into the same --out must not reuse models trained with other settings."""
     path = os.path.join(out, "settings.json")
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
-    settings["stage2_lr"] = {size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)}  # a rule in code, not a flag
+    settings.update(stage1_batch=STAGE1_BATCH, stage2_batch=STAGE2_BATCH,
+                    stage2_lr={size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)})
     if os.path.exists(path):
         saved = json.load(open(path))
-        changed = [f"{'--' + k.replace('_', '-') if k in RUN_SETTINGS else 'stage-2 learning rates'} "
-                   f"{saved.get(k)} (now {v})" for k, v in settings.items() if saved.get(k) != v]
+        changed = [f"{CODE_SETTINGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {v})"
+                   for k, v in settings.items() if saved.get(k) != v]
         if changed:
             sys.exit(f"error: {out} holds runs made with {', '.join(changed)}; use another --out, or delete it")
     with open(path, "w") as f:
