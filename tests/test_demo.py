@@ -202,6 +202,7 @@ def test_summary_states_an_ordering_only_above_twice_the_seed_spread(tmp_path):
     stated = verdict(0.14)
     assert "That is the opposite of the paper's ordering, by 30.0 points, more than twice the largest seed " \
            "spread of a cell (28.0 points). With 2 seeds per cell that spread is the range of 2 draws" in stated
+    assert "--seeds 4 measures it better (in another --out: this one's settings record 2 seeds)." in stated
     assert "range of" not in verdict(0.14 / 3, seeds=(1, 2, 3, 4))  # four seeds: the spread is measured well enough
     withheld = verdict(0.16)
     assert "The toy world cannot tell at this budget: the gains differ by 30.0 points, not more than twice the " \

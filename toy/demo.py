@@ -414,7 +414,8 @@ def findings(rows, fits, noisy, baselines):
                         f"{100 * difference:.1f} points, more than twice the largest seed spread of a cell "
                         f"({100 * needed:.1f} points)." + (
                             f" With {seeds} seeds per cell that spread is the range of {seeds} draws, which tends "
-                            "to understate it; --seeds 4 measures it better." if seeds < 4 else ""))
+                            "to understate it; --seeds 4 measures it better (in another --out: this one's settings "
+                            f"record {seeds} seeds)." if seeds < 4 else ""))
         text.append(f"**{split}** (paper: {claim}): going {ratio:.0f}x up in LLM size moves mean accuracy "
                     f"{100 * n0:.1f} → {100 * n1:.1f} ({100 * size_gain:+.1f} points); going from V={vlo} to "
                     f"V={vhi} moves it {100 * v0:.1f} → {100 * v1:.1f} ({100 * token_gain:+.1f} points). "
