@@ -168,6 +168,12 @@ def main():
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
+    dtype = next(model.llm.parameters()).dtype
+    not_taken = distributed.accelerate_settings_not_taken(
+        dtype, f"{str(dtype).removeprefix('torch.')} weights and compute",
+        "each process holds the whole model and answers its share of the questions")
+    if not_taken and rank == 0:
+        print(not_taken)
     identity = distributed.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
     if rank == 0:  # one run per output directory at a time, and never another model's answers
         runs.lock_directory(args.output_dir)

@@ -26,9 +26,10 @@ from torch.utils.data import Dataset
 from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
 from llava_data import ROLES, BadSample, record_name
 TEMPLATES = ("chat", "vicuna_v1", "plain")
-# LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md)
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md): "user", where the older
+# conv_llava_v1, which LLaVA-1.5 does not use, says "human"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 # ---------------------------------------------------------------- images

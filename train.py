@@ -157,12 +157,12 @@ def fill_defaults(args, stage):
 
 # ---------------------------------------------------------------- FSDP
 
-def shard_llm(model, device):
+def shard_llm(model, compute):
     """FSDP2: each decoder layer is one unit (all-gathered just before it runs), then the rest
-    of the LLM (embeddings, final norm, head) as the root unit."""
+    of the LLM (embeddings, final norm, head) as the root unit. The shards stay fp32 (train.precision);
+    what is gathered for compute is cast to the compute dtype, and gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in model.llm.get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model.llm, mp_policy=policy)
@@ -213,15 +213,39 @@ def lr_at(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_model(args, device):
-    dtype = None
+def precision(args, device):
+    """-> (dtype the LLM is held in, compute dtype). What trains is held, reduced and updated in fp32
+    whatever dtype its checkpoint stores (Qwen1.5 bf16, Vicuna-1.5 fp16): at stage 2's lr of 2e-5 an
+    Adam update is below half a bf16 step for every weight above ~0.01, so bf16 weights would round
+    most updates away (LLaVA's DeepSpeed bf16 keeps fp32 masters too). On a GPU the forward and
+    backward run in bf16 (autocast; FSDP2 gathers bf16 copies of the fp32 shards and reduces the
+    gradients in fp32), on a CPU in fp32. What is frozen (the vision tower, stage 1's LLM, the
+    LoRA/QLoRA base) is only ever read, so it is held in the compute dtype."""
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return (torch.float32 if args.train_llm and not args.lora else compute), compute
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "4-bit"}
+
+
+def describe_precision(model, compute):
+    """The dtypes as they are, for the log: 'weights fp32 (trained), bf16 (frozen); compute bf16'.
+    (QLoRA's 4-bit layers are stored as uint8.)"""
+    def names(params):
+        return "/".join(sorted({DTYPE_NAMES.get(p.dtype, str(p.dtype)) for p in params})) or "-"
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return f"weights {names(trained)} (trained), {names(frozen)} (frozen); compute {DTYPE_NAMES[compute]}"
+
+
+def build_model(args, llm_dtype, compute):
     quantization = None
     if args.qlora:
         from transformers import BitsAndBytesConfig
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     model, tokenizer, image_processor = vlm.build(args.llm, args.vision, args.tokens, args.compressor,
-                                                  dtype, quantization)
+                                                  llm_dtype, quantization)
+    model.vision.to(compute)
     if args.projector:
         vlm.load_projector(model, args.projector)
     model.llm.requires_grad_(args.train_llm and not args.lora)  # with LoRA, peft picks what trains
@@ -349,6 +373,12 @@ def main(stage):
     rank, world, device = distributed.setup_distributed()
     torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
+    llm_dtype, compute = precision(args, device)
+    not_taken = distributed.accelerate_settings_not_taken(
+        compute, f"fp32 weights, {DTYPE_NAMES[compute]} compute",
+        "torch FSDP2 of each decoder layer whenever more than one process runs, no CPU offload; --grad-checkpointing")
+    if not_taken:
+        say(not_taken)
     accumulation, remainder = divmod(args.batch_size, world * args.micro_batch_size)
     if remainder or accumulation == 0:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
@@ -365,7 +395,7 @@ def main(stage):
         return distributed.end_distributed()
 
     # ---- build
-    model, tokenizer, image_processor = build_model(args, device)
+    model, tokenizer, image_processor = build_model(args, llm_dtype, compute)
     try:
         template = conv_template(args, tokenizer)
     except ValueError as e:
@@ -376,13 +406,14 @@ def main(stage):
     if world > 1:
         if args.lora or args.qlora:
             raise SystemExit("--lora/--qlora are the single-GPU savers; with several processes use FSDP")
-        shard_llm(model, device)
+        shard_llm(model, compute)
         local, total = count_params(model.llm)
         say(f"FSDP: world={world}, LLM params per rank {local / 1e6:.2f}M of {total / 1e6:.2f}M")
     if not args.qlora:
         model.to(device)
     else:
         model.vision.to(device), model.projector.to(device)
+    say(f"precision: {describe_precision(model, compute)}")
     records = load_data(args, rank, say)
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
@@ -467,7 +498,7 @@ def main(stage):
             batch = {key: to_device(value, device) for key, value in batch.items()}
             if world > 1:  # reduce-scatter gradients once per step, not once per micro-batch
                 model.llm.set_requires_gradient_sync(k == accumulation - 1)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
                 loss, label_count = model(**batch)
             # llava: this micro-batch's mean / micro-batches, as HF Trainer (ranks averaged as above)
             scale = world / max(label_tokens, 1) if args.loss_norm == "tokens" else \

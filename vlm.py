@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig,
-                          CLIPVisionModel)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil,
+                          CLIPVisionConfig, CLIPVisionModel)
 
 import toy
 from constants import IGNORE, IMAGE_SLOT
@@ -42,8 +42,18 @@ def load_tokenizer(name):
     return tokenizer
 
 
+def checkpoint_dtype(name):
+    """The dtype an LLM's checkpoint stores its weights in (its config.json; fp32 where it says none,
+    and for the toy presets): the dtype its trained version is saved in (save)."""
+    if toy.is_toy(name):
+        return torch.float32
+    dtype = AutoConfig.from_pretrained(name).dtype or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_llm(name, dtype=None, quantization_config=None):
-    """A hub name, a local directory, or a toy preset -> (llm, tokenizer)."""
+    """A hub name, a local directory, or a toy preset -> (llm, tokenizer). dtype None: the dtype
+    the checkpoint stores (transformers' "auto"); training asks for fp32 (train.precision)."""
     if toy.is_toy(name):
         tokenizer = toy.build_tokenizer()
         llm = toy.build_llm(name, len(tokenizer))
@@ -209,9 +219,12 @@ def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_co
     """Everything from names -> (VLM, tokenizer, image_processor)."""
     with loading("LLM", llm_name):
         llm, tokenizer = load_llm(llm_name, dtype, quantization_config)
+        stored = checkpoint_dtype(llm_name)
     with loading("vision tower", vision_name):
         vision, image_processor = load_vision(vision_name)
-    return assemble(llm, vision, tokens, compressor, llm_name, vision_name), tokenizer, image_processor
+    model = assemble(llm, vision, tokens, compressor, llm_name, vision_name)
+    model.config["llm_dtype"] = str(stored).removeprefix("torch.")
+    return model, tokenizer, image_processor
 
 
 def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
@@ -245,10 +258,26 @@ def load_projector(model, directory):
     model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
 
 
+def cast_state(state, dtype):
+    """A state dict with its floating tensors in dtype; tensors that share storage (tied embedding
+    and head) stay shared, so the checkpoint holds them once."""
+    cast = {}
+    for tensor in state.values():
+        if tensor.data_ptr() not in cast:
+            cast[tensor.data_ptr()] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return {name: cast[tensor.data_ptr()] for name, tensor in state.items()}
+
+
 def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=None):
     """The output directory: vlm_config.json, projector.safetensors and, unless only the
     projector was trained, the LLM and tokenizer in Hugging Face format under llm/.
     llm_state: a full (gathered) state dict when the live LLM is sharded.
+
+    The LLM is saved in the dtype its checkpoint came in (config llm_dtype: bf16 for Qwen1.5, fp16
+    for Vicuna-1.5, fp32 for the toy presets), though it trained in fp32: the output then stands in
+    for the model it started from, at that model's size on disk (LLaVA saves bf16). The fp32
+    weights and optimizer states of a run live on in its checkpoints/ (--save-every). The
+    projector, small, is saved in fp32.
 
     Everything is written to DIR/.saving first and moved into place with vlm_config.json
     last: a directory with vlm_config.json is complete, and a kill mid-save leaves none."""
@@ -257,7 +286,14 @@ def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=Non
     os.makedirs(staging)
     config = dict(model.config, **(extra_config or {}))
     if save_llm:
-        model.llm.save_pretrained(os.path.join(staging, "llm"), state_dict=llm_state)
+        dtype = config.setdefault("llm_dtype", "float32")
+        state = model.llm.state_dict() if llm_state is None else llm_state
+        model.llm.save_pretrained(os.path.join(staging, "llm"), state_dict=cast_state(state, getattr(torch, dtype)))
+        llm_config = os.path.join(staging, "llm", "config.json")  # it records the live model's fp32
+        with open(llm_config) as f:
+            saved = json.load(f)
+        with open(llm_config, "w") as f:
+            json.dump(dict(saved, dtype=dtype), f, indent=2)
         config["llm_dir"] = "llm"
     tokenizer.save_pretrained(os.path.join(staging, "llm" if save_llm else "tokenizer"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}

@@ -94,11 +94,14 @@ def peak_memory(device, into):
     into.append((peak, peak - before))
 
 
-def step(model, batch, loss_on, device):
-    """Forward and backward of one micro-batch (train.py's, autocast bf16 on CUDA), gradients freed."""
+def step(model, batch, loss_on, device, optimizer=None):
+    """Forward and backward of one micro-batch (train.py's, autocast bf16 on CUDA), then the
+    optimizer's step if one is given, gradients freed."""
     with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         loss, count = all_positions_loss(model, batch) if loss_on == "all" else model(**batch)
     (loss / count).backward()
+    if optimizer:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
     return loss.item() / count.item()
 
@@ -135,10 +138,50 @@ def measure(model, stage, tokens, args, rounds):
     return rows
 
 
+def measure_precision(model, args, rounds):
+    """Stage 2, V = 4, labels only, a whole optimizer step (AdamW at stage 2's lr 2e-5): the LLM
+    held in fp32, as train.py holds what trains, against bf16, as a bf16 hub checkpoint (Qwen1.5)
+    trained before it did. -> one row each, with the share of one layer's weights the last step
+    changed (the rest rounded away)."""
+    batch = synthetic_batch(2, 4, args.micro_batch, CLIP_L_336["image_size"], QWEN1_5_0_5B["vocab_size"])
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    swap_projector(model, "quecc", 4).train()
+    rows = []
+    for weights in (torch.float32, torch.bfloat16):
+        model.llm.to(weights).requires_grad_(True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+        probe = model.llm.model.layers[len(model.llm.model.layers) // 2].mlp.down_proj.weight
+        seconds, peaks = [], []
+        for r in range(rounds + 1):  # round 0 warms up and creates the optimizer's states
+            before = probe.detach().clone()
+            with peak_memory(args.device, peaks):
+                sync(args.device)
+                start = time.perf_counter()
+                loss = step(model, batch, "labels", args.device, optimizer)
+                sync(args.device)
+            seconds.append(time.perf_counter() - start)
+        changed = (probe.detach() != before).float().mean().item()
+        step_s = sorted(seconds[1:])[len(seconds[1:]) // 2]
+        state = {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim()}
+        rows.append(dict(weights=str(weights).removeprefix("torch."), optimizer_states=sorted(map(str, state)),
+                         step_s=step_s, peak_mem_gb=max(p for p, _ in peaks[1:]), weights_changed=changed, loss=loss))
+        del optimizer
+    print_table(["LLM weights", "step s (with AdamW)", "peak GB", "weights a step changes", "loss"],
+                [[r["weights"], f"{r['step_s']:.2f}", f"{r['peak_mem_gb']:.2f}", f"{100 * r['weights_changed']:.1f}%",
+                  f"{r['loss']:.4f}"] for r in rows])
+    fp32, bf16 = rows
+    print(f"fp32 weights: {fp32['step_s'] / bf16['step_s']:.2f}x the step time, {fp32['peak_mem_gb'] / bf16['peak_mem_gb']:.2f}x "
+          f"the peak memory of bf16 weights; a step changes {100 * fp32['weights_changed']:.1f}% of a layer's weights, "
+          f"against {100 * bf16['weights_changed']:.1f}%")
+    return rows
+
+
 def main():
     p = common_args(__doc__.split("\n")[0], models=False)
     p.add_argument("--micro-batch", type=int, default=1,
                    help="samples per step (every other one 3/4 as long: padding from 2 on)")
+    p.add_argument("--precision", action="store_true", help="instead: stage 2 with its optimizer step, the "
+                   "LLM held in fp32 (train.py) against bf16 (a bf16 checkpoint trained as loaded)")
     args = setup(p)
     args.peak_flops = next((v for k, v in train.BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()),
                            None) if args.device.startswith("cuda") else None
@@ -151,6 +194,9 @@ def main():
           f"{sum(p.numel() for p in vision.parameters()) / 1e6:.0f}M; micro-batch {args.micro_batch}, "
           f"upper median of {rounds} rounds after one warm-up\n{info}")
 
+    if args.precision:
+        return write_json(args.out, dict(benchmark="train_step_precision", machine=info, micro_batch=args.micro_batch,
+                                         rounds=rounds, rows=measure_precision(model, args, rounds)))
     rows = []
     for stage, tokens in SETTINGS:
         start = time.time()

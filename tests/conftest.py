@@ -21,6 +21,14 @@ def run_script(*args, check=True, timeout=600, env=None, cwd=ROOT):
     return result
 
 
+def checkpoint_dtypes(directory):
+    """{tensor name: dtype} of a sharded (torch.distributed.checkpoint) training checkpoint: weights and
+    optimizer states."""
+    from torch.distributed.checkpoint import FileSystemReader
+    metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {name: m.properties.dtype for name, m in metadata.items() if hasattr(m, "properties")}
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
@@ -32,3 +40,18 @@ def toy_data(tmp_path_factory):
 def tokenizer():
     import toy
     return toy.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def toy_llm_dirs(tmp_path_factory):
+    """The toy-s LLM saved twice with the same values: in bf16, as Qwen1.5 is on the hub, and in fp32.
+    -> {"bf16": directory, "fp32": directory}"""
+    import torch
+    import toy
+    root = tmp_path_factory.mktemp("llms")
+    tokenizer = toy.build_tokenizer()
+    llm = toy.build_llm("toy-s", len(tokenizer))
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        llm.to(dtype).save_pretrained(root / name)  # bf16 first: the fp32 copy holds the rounded values
+        tokenizer.save_pretrained(root / name)
+    return {name: root / name for name in ("bf16", "fp32")}

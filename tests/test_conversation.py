@@ -59,6 +59,10 @@ def test_vicuna_labels_are_exactly_the_assistant_turns(vicuna_tokenizer):
 
 # ---------------------------------------------------------------- LLaVA's vicuna_v1 and plain, BOS
 
+# LLaVA's llava/conversation.py, conv_vicuna_v1.system, as written there (conv_llava_v1 says "human")
+LLAVA_VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
 @pytest.fixture(scope="module")
 def llama_tokenizer():
     """Llama-style: SentencePiece-like "▁" words (legacy prefix space on every piece), BOS added by
@@ -66,7 +70,7 @@ def llama_tokenizer():
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    corpus = [conversation.VICUNA_SYSTEM, "\n".join(t["value"] for t in TURNS), "USER: ASSISTANT: a red circle"]
+    corpus = [LLAVA_VICUNA_V1_SYSTEM, "\n".join(t["value"] for t in TURNS), "USER: ASSISTANT: a red circle"]
     tokenizer.train_from_iterator(corpus * 5, trainers.BpeTrainer(vocab_size=400, show_progress=False,
                                                                  special_tokens=["<unk>", "<s>", "</s>"]))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -88,7 +92,7 @@ def llava_preprocess_v1(tokenizer, turns):
     """LLaVA's get_prompt (vicuna_v1) and preprocess_v1's label arithmetic, written out: each round
     (split at </s>) masked up to its ' ASSISTANT: ' by token counts; -2 for BOS and the trailing
     space token, which in the whole text merges into the answer's first token."""
-    text = conversation.VICUNA_SYSTEM + " "
+    text = LLAVA_VICUNA_V1_SYSTEM + " "
     for turn in turns:
         value = turn["value"]
         if "<image>" in value:
@@ -128,7 +132,7 @@ def test_vicuna_v1_equals_llavas_rendering_and_labels(llama_tokenizer):
 
 def test_vicuna_v1_prompt_is_llavas_get_prompt(llama_tokenizer):
     sample = conversation.prompt(llama_tokenizer, "What colour is the circle?", 1, template="vicuna_v1")
-    text = conversation.VICUNA_SYSTEM + " USER: <image>\nWhat colour is the circle? ASSISTANT:"
+    text = LLAVA_VICUNA_V1_SYSTEM + " USER: <image>\nWhat colour is the circle? ASSISTANT:"
     assert sample["input_ids"] == llava_tokenizer_image_token(llama_tokenizer, text)
 
 

@@ -3,11 +3,12 @@ when data, stage 1 or a model is missing."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TOY = ["--llm", "toy", "--vision", "toy", "--num-workers", "0"]
 # LLaVA-665K's image folders (docs/data.md): the toy images spread over them
@@ -106,3 +107,38 @@ def test_a_model_that_cannot_be_loaded_is_one_line(layout):
     message = one_line_error(run_script("03_evaluate.py", "--model", "runs/nothing", "--bench", "toy_reasoning",
                                         cwd=layout, check=False))
     assert message.startswith("error: cannot load the model runs/nothing: no vlm_config.json")
+
+
+def test_the_papers_grid_runs_as_printed(layout, monkeypatch):
+    """Every 01, 02 and 03 line of `toy.demo --print-real` parses on the default layout as typed: the data
+    found, stage 2 starting from its stage 1, 03 reading stage 2's output; each stage at LLaVA-1.5's
+    per-GPU micro-batch (32, 16), which --loss-norm llava averages over."""
+    import importlib
+    import runpy
+    import shlex
+    import sys
+    import train
+    evaluate = importlib.import_module("03_evaluate")
+    lines = run_script("-m", "toy.demo", "--print-real").stdout.splitlines()
+    monkeypatch.chdir(layout)
+    parsed = []
+    monkeypatch.setattr(train, "main", lambda stage: parsed.append(train.parse_args(stage)))
+    outputs = {}
+    for line in (line for line in lines if line.startswith("accelerate launch ")):
+        script, *argv = shlex.split(line)[2:]
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        if script == "03_evaluate.py":
+            args = evaluate.parse_args()
+            assert args.model == outputs[args.model] and args.data_root == "data/eval"
+            continue
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        args = parsed.pop()
+        assert os.path.exists(args.data) and os.path.isdir(args.image_folder)
+        if script == "01_pretrain_projector.py":
+            assert args.micro_batch_size == 32 and args.batch_size == 256
+            (Path(args.output_dir) / "vlm_config.json").write_text("{}")  # as if stage 1 had run
+        else:
+            assert args.micro_batch_size == 16 and args.batch_size == 256
+            assert args.projector == os.path.join(os.path.dirname(args.output_dir), "stage1")
+            outputs[args.output_dir] = args.output_dir
+    assert len(outputs) == 28

@@ -281,8 +281,9 @@ def test_print_real_lists_the_papers_grid():
     assert all("--compressor tokenpacker" in line for line in pretrain + finetune) and len(pretrain) == 28
     assert all(re.search(r"--batch-size 256\b", line) for line in finetune)
     evaluate = [line for line in lines if "03_evaluate.py" in line]
-    for llm, size in (("0.5b", "0.5"), ("1.8b", "1.8"), ("4b", "4"), ("7b", "7")):
-        assert sum(f"runs/qwen{llm}-v" in line and f"--params-b {size} " in line for line in evaluate) == 7
+    for size in ("0.5", "1.8", "4", "7"):
+        assert sum(f"runs/Qwen1.5-{size}B-Chat-tokenpacker-v" in line and f"--params-b {size} " in line
+                   for line in evaluate) == 7
 
 
 def test_full_conflicts_with_an_explicit_grid():

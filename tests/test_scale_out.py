@@ -1,4 +1,5 @@
-"""FSDP, batch-split invariance, kill-safe resume, single-GPU savers: all on CPU."""
+"""FSDP, batch-split invariance, kill-safe resume, single-GPU savers: all on CPU, all on an LLM checkpoint
+stored in bf16 as Qwen1.5's is (trained in fp32: tests/test_precision.py)."""
 import json
 import os
 import signal
@@ -7,14 +8,20 @@ import sys
 import time
 
 import pytest
+import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, checkpoint_dtypes, run_script
 
 STEPS = 6
 
 
-def finetune_args(toy_data, out, *extra):
-    return ["02_finetune.py", "--llm", "toy", "--vision", "toy", "--tokens", "4",
+@pytest.fixture(scope="module")
+def llm(toy_llm_dirs):
+    return toy_llm_dirs["bf16"]
+
+
+def finetune_args(toy_data, llm, out, *extra):
+    return ["02_finetune.py", "--llm", str(llm), "--vision", "toy", "--tokens", "4",
             "--data", str(toy_data / "finetune.json"), "--image-folder", str(toy_data / "images"),
             "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "8",
             "--lr", "1e-3", "--num-workers", "0", "--projector", "none", *extra]
@@ -25,10 +32,10 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def reference(toy_data, tmp_path_factory):
+def reference(toy_data, llm, tmp_path_factory):
     """One process, micro-batch 4: the run every other layout must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    run_script(*finetune_args(toy_data, out, "--micro-batch-size", "4"))
+    run_script(*finetune_args(toy_data, llm, out, "--micro-batch-size", "4"))
     return losses(out)
 
 
@@ -37,10 +44,11 @@ def torchrun_env():
     return dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def test_two_process_fsdp_shards_and_matches_one_process(toy_data, tmp_path, reference):
+def test_two_process_fsdp_shards_and_matches_one_process(toy_data, llm, tmp_path, reference):
     out = tmp_path / "fsdp"
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        *finetune_args(toy_data, out, "--micro-batch-size", "2"), env=torchrun_env())
+                        *finetune_args(toy_data, llm, out, "--micro-batch-size", "2", "--save-every", "4"),
+                        env=torchrun_env())
     line = next(l for l in result.stdout.splitlines() if l.startswith("FSDP:"))
     local, total = (float(x.rstrip("M")) for x in line.split("per rank ")[1].split(" of "))
     assert "world=2" in line and local < 0.6 * total  # really sharded: about half each
@@ -49,17 +57,21 @@ def test_two_process_fsdp_shards_and_matches_one_process(toy_data, tmp_path, ref
     for a, b in zip(got, reference):
         assert abs(a - b) <= 1e-4 * abs(b)
     assert (out / "llm" / "model.safetensors").exists()  # consolidated at the end
+    # the shards each rank wrote: fp32 weights and optimizer states, over the bf16 checkpoint
+    dtypes = checkpoint_dtypes(out / "checkpoints" / "step-0000004")
+    assert any("layers.0.mlp" in name and "exp_avg" in name for name in dtypes)
+    assert set(dtypes.values()) == {torch.float32}
 
 
 @pytest.mark.parametrize("split", [["--micro-batch-size", "1"], ["--micro-batch-size", "2", "--group-by-length"]])
-def test_how_the_batch_is_split_does_not_change_the_losses(toy_data, tmp_path, reference, split):
-    run_script(*finetune_args(toy_data, tmp_path, *split))
+def test_how_the_batch_is_split_does_not_change_the_losses(toy_data, llm, tmp_path, reference, split):
+    run_script(*finetune_args(toy_data, llm, tmp_path, *split))
     for a, b in zip(losses(tmp_path), reference):
         assert abs(a - b) <= 1e-5 * abs(b)  # float32 sums taken in another order: relative noise
 
 
-def test_kill_9_then_resume_gives_the_same_losses(toy_data, tmp_path, reference):
-    args = finetune_args(toy_data, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
+def test_kill_9_then_resume_gives_the_same_losses(toy_data, llm, tmp_path, reference):
+    args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "checkpoints" / "step-0000004"
@@ -77,8 +89,8 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, tmp_path, reference)
         assert abs(a - b) <= 1e-5
 
 
-def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, tmp_path, reference):
-    args = finetune_args(toy_data, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
+def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, llm, tmp_path, reference):
+    args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
     run_script(*args)
     (tmp_path / "vlm_config.json").unlink()  # as if killed after its last checkpoint: not finished
     newest = tmp_path / "checkpoints" / "step-0000004"
@@ -92,10 +104,18 @@ def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, tmp_pa
 
 
 @pytest.mark.parametrize("saver", [["--lora", "8"], ["--qlora"], ["--optim", "adamw8bit"]])
-def test_single_gpu_savers_train_and_export(toy_data, tmp_path, saver):
-    run_script(*finetune_args(toy_data, tmp_path, "--micro-batch-size", "8", *saver, "--lr", "3e-3"))
+def test_single_gpu_savers_train_and_export(toy_data, llm, tmp_path, saver):
+    run_script(*finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "8", *saver, "--lr", "3e-3",
+                              "--save-every", "3"))
     got = losses(tmp_path)
     assert got[-1] < got[0] - 0.2, got
+    # what trains is fp32 over the bf16 base: LoRA's adapters and their Adam states (8-bit AdamW's
+    # states are 8-bit by design, its weights fp32)
+    dtypes = checkpoint_dtypes(tmp_path / "checkpoints" / "step-0000003")
+    keep = (lambda name: name.startswith("model.")) if "adamw8bit" in saver else (lambda name: "lora_" in name)
+    trained = {name: dtype for name, dtype in dtypes.items() if keep(name)}
+    assert any(".layers." in name for name in trained) and set(trained.values()) == {torch.float32}
     import vlm
     model, _, _ = vlm.load_pretrained(tmp_path)  # merged: loads like any other output
     assert not any("lora" in name for name, _ in model.llm.named_parameters())
+    assert next(model.llm.parameters()).dtype == torch.bfloat16  # saved in the dtype its checkpoint came in

@@ -57,26 +57,24 @@ REAL_OCR = "docvqa,textvqa"
 
 
 def print_real():
-    """The real grid as shell lines: 4 LLMs x 7 token counts, both stages, evaluation, fit."""
+    """The real grid as shell lines: 4 LLMs x 7 token counts, both stages, evaluation, fit. Data, stage 1's
+    output and evaluation data are the scripts' defaults (docs/data.md), so the lines run as printed."""
     print("# The paper's scaling grid (section 3.2) on one 8-GPU node: 28 VLMs, then one fit per suite.")
     print("# TokenPacker at every V (at 576 one query per patch), stage-2 global batch 256, HF Trainer's loss")
-    print("# normalisation; results.jsonl carries the nominal LLM size the paper's fit uses (--params-b).")
-    print("# Data: LLaVA-1.5's blip_laion_cc_sbu_558k.json and llava_v1_5_mix665k.json with their images;")
-    print("# benchmarks converted with data_prep/convert_benchmarks.py into data/eval/.")
-    recipe = "--compressor tokenpacker --loss-norm llava"
+    print("# normalisation, which averages over micro-batches: so the per-GPU micro-batch is LLaVA-1.5's (32 in")
+    print("# stage 1, 16 in stage 2, on 8 GPUs). results.jsonl carries the nominal LLM size the fit uses (--params-b).")
+    print("# Data: LLaVA-1.5's, laid out under data/ as docs/data.md shows; benchmarks converted with")
+    print("# data_prep/convert_benchmarks.py into data/eval/.")
+    compressor = "tokenpacker"
+    recipe = f"--compressor {compressor} --loss-norm llava --save-every 500 --resume"
     for llm, params_b in REAL_LLMS.items():
-        short = llm.split("/")[1].split("-")[1].lower()  # 0.5b, 1.8b, ...
         for v in REAL_TOKENS:
-            name = f"runs/qwen{short}-v{v}"
-            print(f"accelerate launch 01_pretrain_projector.py --llm {llm} --tokens {v} {recipe} "
-                  f"--data data/llava/blip_laion_cc_sbu_558k.json --image-folder data/llava/images "
-                  f"--output-dir {name}-s1 --save-every 500 --resume")
+            print(f"accelerate launch 01_pretrain_projector.py --llm {llm} --tokens {v} {recipe} --micro-batch-size 32")
             print(f"accelerate launch 02_finetune.py --llm {llm} --tokens {v} {recipe} --batch-size 256 "
-                  f"--projector {name}-s1 --data data/llava/llava_v1_5_mix665k.json --image-folder data/llava/images "
-                  f"--output-dir {name} --grad-checkpointing --group-by-length --save-every 500 --resume")
-            print(f"accelerate launch 03_evaluate.py --model {name} --params-b {params_b:g} "
-                  f"--bench {REAL_REASONING},{REAL_OCR} --data-root data/eval --output-dir {name}/eval")
-    print("cat runs/qwen*-v*/eval/results.jsonl > runs/all_results.jsonl")
+                  "--micro-batch-size 16 --grad-checkpointing --group-by-length")
+            print(f"accelerate launch 03_evaluate.py --model runs/{llm.split('/')[-1]}-{compressor}-v{v}/stage2 "
+                  f"--params-b {params_b:g} --bench {REAL_REASONING},{REAL_OCR}")
+    print(f"cat runs/*-{compressor}-v*/stage2/eval/results.jsonl > runs/all_results.jsonl")
     print(f"python 04_fit_scaling.py --scores runs/all_results.jsonl --suite {REAL_REASONING} "
           "--output-dir runs/fit_reasoning")
     print(f"python 04_fit_scaling.py --scores runs/all_results.jsonl --suite {REAL_OCR} --output-dir runs/fit_ocr")
