@@ -64,7 +64,8 @@ def fail(message):
 
 def answer_identity(args, world):
     """What makes an answer: the model (directory and weights) and the generation settings
-    (the batches, and so the padding, depend on the batch size and the number of processes)."""
+    (the batches, and so the padding, depend on the batch size and the number of processes).
+    Each benchmark's answers add its questions (runs.questions_fingerprint)."""
     return dict(model=os.path.abspath(args.model), fingerprint=runs.model_fingerprint(args.model),
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, processes=world)
 
@@ -84,8 +85,13 @@ class Prompts(torch.utils.data.Dataset):
         text = benchmarks.build_prompt(self.bench, record)
         sample = conversation.prompt(self.tokenizer, text, self.config["tokens"],
                                      self.config.get("image_first", True), template=self.config.get("conv_template", "chat"))
-        sample["pixel_values"] = conversation.load_image(os.path.join(self.image_folder, record["image"]),
-                                                         self.image_processor, self.config.get("image_aspect", "pad"))
+        image = os.path.join(self.image_folder, record["image"])
+        try:
+            sample["pixel_values"] = conversation.load_image(image, self.image_processor,
+                                                             self.config.get("image_aspect", "pad"))
+        except Exception as e:  # in a loader worker, whose exception would reach the user as two tracebacks
+            return dict(error=f"{image}: cannot decode the image of question {record['question_id']} ({e}); "
+                              "replace the file, or drop the question from the question file")
         sample["prompt"] = text
         return sample
 
@@ -107,11 +113,14 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
     prompts = Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
     loader = torch.utils.data.DataLoader(
         prompts, batch_sampler=todo, num_workers=2,
-        collate_fn=lambda s: (s, conversation.collate(s, tokenizer.pad_token_id, left=True)))
+        collate_fn=lambda s: (s, None if any("error" in x for x in s) else
+                              conversation.collate(s, tokenizer.pad_token_id, left=True)))
     part = os.path.join(folder, f"answers.part-{rank}.jsonl")
     model_id = os.path.basename(os.path.normpath(args.model))
     with runs.open_for_append(part) as f:
         for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
+            if batch is None:
+                fail(next(x["error"] for x in samples if "error" in x))
             batch = {k: v.to(device) for k, v in batch.items()}
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
             rows = [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text,
@@ -130,10 +139,11 @@ def check_images(questions, image_folder, questions_path):
 
 def result_row(model, bench, metrics, identity, params_b=None):
     """params_b: the nominal size (--params-b) or, without one, the counted parameters, which
-    params_counted_b always keeps (Qwen1.5-7B-Chat counts 7.72B, the paper calls it 7)."""
+    params_counted_b always keeps (Qwen1.5-7B-Chat counts 7.72B, the paper calls it 7). The row's
+    identity is its answers' and --params-b: one model, one size in results.jsonl."""
     counted = sum(p.numel() for p in model.llm.parameters()) / 1e9
-    return dict(identity=identity, llm=model.config["llm"], params_b=params_b or counted, params_counted_b=counted,
-                tokens=model.config["tokens"],
+    return dict(identity=dict(identity, params_b=params_b), llm=model.config["llm"], params_b=params_b or counted,
+                params_counted_b=counted, tokens=model.config["tokens"],
                 compressor=model.config["compressor"], benchmark=bench, metric=metrics["headline"],
                 score=metrics[metrics["headline"]], normalized=metrics["normalized"],
                 per_category=metrics.get("per_category", {}))
@@ -144,11 +154,31 @@ def result_row(model, bench, metrics, identity, params_b=None):
 def score_only(args):
     try:
         benchmarks.get_benchmark(args.bench)  # a wrong name fails before the files are read
-        metrics = benchmarks.score(args.bench, benchmarks.load_questions(args.questions),
-                                   benchmarks.read_answers(args.answers))
+        questions, answers = benchmarks.load_questions(args.questions), benchmarks.read_answers(args.answers)
     except (OSError, ValueError) as e:
         fail(e)
+    try:
+        metrics = benchmarks.score(args.bench, questions, answers)
+    except ValueError as e:  # the answers are not to these questions
+        fail(f"{args.answers} against {args.questions}: {e}")
     print(json.dumps(metrics, indent=2))
+
+
+def read_benchmark(data_root, name):
+    """-> its questions, checked (and their images found) before the model loads."""
+    if name not in benchmarks.BENCHMARKS:
+        fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
+    path = os.path.join(data_root, name, "questions.jsonl")
+    if not os.path.exists(path):
+        fail(f"{path} not found: fetch {name} from its official source and convert it with "
+             f"python data_prep/convert_benchmarks.py {name} --src ... --out {path}, images in "
+             f"{os.path.join(data_root, name, 'images')} (docs/evaluation.md)")
+    try:
+        questions = benchmarks.load_questions(path)
+    except (OSError, ValueError) as e:
+        fail(e)
+    check_images(questions, os.path.join(data_root, name, "images"), path)
+    return questions
 
 
 def main():
@@ -156,15 +186,7 @@ def main():
     if args.score_only:
         return score_only(args)
     rank, world, device = distributed.setup_distributed()
-    names = args.bench.split(",")
-    for name in names:
-        if name not in benchmarks.BENCHMARKS:
-            fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
-        questions = os.path.join(args.data_root, name, "questions.jsonl")
-        if not os.path.exists(questions):  # before the model loads
-            fail(f"{questions} not found: fetch {name} from its official source and convert it with "
-                 f"python data_prep/convert_benchmarks.py {name} --src ... --out {questions}, images in "
-                 f"{os.path.join(args.data_root, name, 'images')} (docs/evaluation.md)")
+    benches = {name: read_benchmark(args.data_root, name) for name in args.bench.split(",")}
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
@@ -175,31 +197,27 @@ def main():
     if not_taken and rank == 0:
         print(not_taken)
     identity = distributed.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
+    asked = {bench: runs.questions_fingerprint(bench, questions) for bench, questions in benches.items()}
     if rank == 0:  # one run per output directory at a time, and never another model's answers
         runs.lock_directory(args.output_dir)
-        runs.check_earlier_outputs(args.output_dir, identity, args.overwrite)
+        runs.check_earlier_outputs(args.output_dir, identity, asked, args.params_b, args.overwrite)
     distributed.barrier()  # no rank appends to an answer file before rank 0 has checked it
 
     rows = []
-    for bench in names:
-        questions_path = os.path.join(args.data_root, bench, "questions.jsonl")
-        image_folder = os.path.join(args.data_root, bench, "images")
-        try:
-            questions = benchmarks.load_questions(questions_path)
-        except (OSError, ValueError) as e:
-            fail(e)
-        check_images(questions, image_folder, questions_path)
+    for bench, questions in benches.items():
+        answers_identity = dict(identity, questions=asked[bench])
         folder = os.path.join(args.output_dir, bench)
         os.makedirs(folder, exist_ok=True)
-        generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
-                         rank, world, device, identity)
+        generate_answers(model, tokenizer, image_processor, bench, questions,
+                         os.path.join(args.data_root, bench, "images"), folder, args, rank, world, device,
+                         answers_identity)
         distributed.barrier()
         if rank == 0:
             answers = runs.merge_answers(folder, questions)
             metrics = benchmarks.score(bench, questions, answers)
             with open(os.path.join(folder, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
-            rows.append(result_row(model, bench, metrics, identity, args.params_b))
+            rows.append(result_row(model, bench, metrics, answers_identity, args.params_b))
             print(f"{bench}: {metrics['headline']} = {metrics[metrics['headline']]:.2f} "
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
         distributed.barrier()

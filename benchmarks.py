@@ -27,6 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from constants import IMAGE_TOKEN
+
 LETTERS = string.ascii_uppercase
 # LLaVA-1.5's evaluation prompts (its question files, model_vqa_mmbench.py; docs/sources.md)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -83,6 +85,8 @@ def answer_problem(record):
         return "question_id missing or not an int/str"
     if not isinstance(record.get("text"), str):
         return "text missing or not a string"
+    if not isinstance(record.get("prompt", ""), str):
+        return "prompt is not a string"
     return None
 
 
@@ -125,6 +129,11 @@ def build_prompt(bench_name, record):
     """The user turn LLaVA-1.5 sends, without the <image> marker: [hint], question, [OCR tokens],
     [options], then the benchmark's answer-format instruction(s), one per line."""
     bench = get_benchmark(bench_name)
+    return "\n".join(question_lines(bench, record) + bench.instructions(record))
+
+
+def question_lines(bench, record):
+    """The prompt's lines before the answer-format instruction(s)."""
     lines = []
     if record.get("hint"):
         lines.append(bench.hint_prefix + record["hint"])
@@ -135,8 +144,16 @@ def build_prompt(bench_name, record):
         lines.append("Reference OCR token: " + ", ".join(record["ocr_tokens"]))
     if record.get("options"):
         lines.append(format_options(record["options"]))
-    lines.extend(bench.instructions(record))
-    return "\n".join(lines)
+    return lines
+
+
+def asks(bench_name, record, prompt):
+    """Is `prompt`, as an answer file records it, this question's prompt? LLaVA's own answer files
+    record it with the <image> marker in front (model_vqa_science.py) or without the answer-format
+    line (model_vqa_mmbench.py); both count."""
+    bench = get_benchmark(bench_name)
+    lines = question_lines(bench, record)
+    return prompt.removeprefix(IMAGE_TOKEN + "\n") in ("\n".join(lines + bench.instructions(record)), "\n".join(lines))
 
 
 def short_answer(record):
@@ -787,12 +804,31 @@ def align_predictions(questions, answers):
     return predictions, empty
 
 
+def check_prompts(bench_name, questions, answers):
+    """An answer that records its prompt (LLaVA's format does) must have been asked its question's:
+    answers kept from an earlier question file would be scored against questions they never saw.
+    The answers' ids are known questions' (align_predictions)."""
+    by_id = {str(q["question_id"]): q for q in questions}
+    stale = [a for a in answers if a.get("prompt") and not asks(bench_name, by_id[str(a["question_id"])], a["prompt"])]
+    if stale:
+        first = stale[0]
+        asked = build_prompt(bench_name, by_id[str(first["question_id"])])
+        raise ValueError(f"{len(stale)} of {len(answers)} answers were asked another prompt than their question's, "
+                         f"e.g. question {first['question_id']!r}: asked {_shorter(first['prompt'])!r}, "
+                         f"the question file asks {_shorter(asked)!r}")
+
+
+def _shorter(text, limit=120):
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def score(bench_name, questions, answers):
     """Score LLaVA-format answers against a question list: one dict with the benchmark, the name
     and value of its headline metric, normalized (0-1), n_questions, missing, empty_answers, and
     the benchmark's own metrics."""
     bench = get_benchmark(bench_name)
     predictions, empty = align_predictions(questions, answers)
+    check_prompts(bench_name, questions, answers)
     metrics = bench.scorer(questions, predictions)
     return {"benchmark": bench.name, "headline": bench.headline, bench.headline: metrics[bench.headline],
             "normalized": bench.normalized(metrics), "n_questions": len(questions),

@@ -21,6 +21,7 @@ share one prompt and one token count, so a batch needs no padding.
 import argparse
 import copy
 import os
+import sys
 
 import torch
 from PIL import Image
@@ -28,6 +29,18 @@ from PIL import Image
 import conversation
 import vlm
 from constants import IMAGE_SLOT
+
+
+class UnreadableImage(ValueError):
+    """An image file that does not decode; the message names it."""
+
+
+def load_image(image, image_processor, aspect):
+    """conversation.load_image, a file that fails to decode named in one line."""
+    try:
+        return conversation.load_image(image, image_processor, aspect)
+    except Exception as e:
+        raise UnreadableImage(f"{image}: cannot decode the image ({e})") from None
 
 
 def plain_answers(model, tokenizer, image_processor, question, images, batch_size=16, max_new_tokens=128):
@@ -41,7 +54,7 @@ def plain_answers(model, tokenizer, image_processor, question, images, batch_siz
         for image in images[start:start + batch_size]:
             sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first,
                                          template=model.config.get("conv_template", "chat"))
-            sample["pixel_values"] = conversation.load_image(image, image_processor, model.config.get("image_aspect", "pad"))
+            sample["pixel_values"] = load_image(image, image_processor, model.config.get("image_aspect", "pad"))
             samples.append(sample)
         batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
         answers += vlm.generate(model, tokenizer, {k: v.to(device) for k, v in batch.items()}, max_new_tokens)
@@ -84,7 +97,7 @@ class StaticQuery:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             aspect = self.model.config.get("image_aspect", "pad")
-            pixels = torch.stack([conversation.load_image(image, self.image_processor, aspect) for image in chunk]).to(self.device)
+            pixels = torch.stack([load_image(image, self.image_processor, aspect) for image in chunk]).to(self.device)
             answers += self._answer_batch(pixels)
         return answers
 
@@ -128,12 +141,15 @@ def main():
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model, tokenizer, image_processor = vlm.load_pretrained(args.model)
     model.to(device).eval()
-    if args.static_query:
-        texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens,
-                            args.batch_size).answer(args.image)
-    else:
-        texts = plain_answers(model, tokenizer, image_processor, args.question, args.image,
-                              args.batch_size, args.max_new_tokens)
+    try:
+        if args.static_query:
+            texts = StaticQuery(model, tokenizer, image_processor, args.question, args.max_new_tokens,
+                                args.batch_size).answer(args.image)
+        else:
+            texts = plain_answers(model, tokenizer, image_processor, args.question, args.image,
+                                  args.batch_size, args.max_new_tokens)
+    except UnreadableImage as e:
+        sys.exit(f"error: {e}")
     for path, text in zip(args.image, texts):
         print(f"{path}: {text}" if len(args.image) > 1 else text)
 

@@ -11,6 +11,7 @@ takes from one memory-mapped file (RecordFile), which every rank and data-loader
 """
 import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -34,39 +35,64 @@ def iter_records(path, chunk=1 << 24):
     time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.
     Malformed JSON names its line."""
     with open(path, encoding="utf-8") as f:
-        text, lines_before, at_end = f.read(chunk), 0, False
-        if not text.lstrip().startswith("["):  # JSON lines
-            f.seek(0)
-            for line_number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line), line
-                    except json.JSONDecodeError as e:
-                        if line_number == 1 and line.lstrip().startswith("{") and is_one_object(path):
-                            raise BadSample(f"{path}: a JSON object where a list of records belongs "
-                                            "(LLaVA's format: [record, ...], or one record per line)") from None
-                        raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
+        text = f.read(chunk)
+        if text.lstrip().startswith("["):
+            yield from list_records(path, f, text, chunk)
             return
-        decoder, position = json.JSONDecoder(), text.index("[") + 1
-        while True:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            try:
-                if position < len(text) and text[position] == "]":
-                    return
+        f.seek(0)  # JSON lines
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line), line
+                except json.JSONDecodeError as e:
+                    if line_number == 1 and line.lstrip().startswith("{") and is_one_object(path):
+                        raise BadSample(f"{path}: a JSON object where a list of records belongs "
+                                        "(LLaVA's format: [record, ...], or one record per line)") from None
+                    raise BadSample(f"{path}: malformed JSON on line {line_number}: {e.msg}") from None
+
+
+WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+def list_records(path, f, text, chunk):
+    """The records of a JSON list whose first chunk of text is `text`. What json.load refuses is
+    refused, at json.load's line and column: a missing or doubled comma, and anything after the
+    closing bracket (`cat a.json b.json` would otherwise read as a.json alone)."""
+    decoder, position, lines_before = json.JSONDecoder(), text.index("[") + 1, 0
+    expect = "first"  # what comes next: "first" (a record or ']'), "comma" (',' or ']'), "record", "end"
+
+    def malformed(message, at):
+        where = json.JSONDecodeError(message, text, at)
+        return BadSample(f"{path}: malformed JSON at line {lines_before + where.lineno}, column {where.colno}: "
+                         f"{message}")
+
+    while True:
+        position = WHITESPACE.match(text, position).end()
+        try:
+            if position == len(text):  # read on: the list goes on in the next chunk, or ends too early
+                raise json.JSONDecodeError("Expecting ',' delimiter" if expect == "comma" else "Expecting value",
+                                           text, position)
+            if expect == "end":
+                raise malformed("Extra data after the list's closing ']'", position)
+            if text[position] == "]" and expect != "record":
+                expect, position = "end", position + 1
+            elif expect == "comma":
+                if text[position] != ",":
+                    raise malformed("Expecting ',' delimiter", position)
+                expect, position = "record", position + 1
+            else:
                 record, end = decoder.raw_decode(text, position)
-            except json.JSONDecodeError as e:
-                if at_end:
-                    raise BadSample(f"{path}: malformed JSON at line {lines_before + e.lineno}, column {e.colno}: "
-                                    f"{e.msg}") from None
-                more = f.read(chunk)  # the record may run on into the next chunk
-                at_end = not more
-                cut = text.rfind("\n", 0, position) + 1  # keep whole lines, so error lines and columns stay true
-                lines_before += text.count("\n", 0, cut)
-                text, position = text[cut:] + more, position - cut
-                continue
-            yield record, text[position:end]
-            position = end
+                yield record, text[position:end]
+                expect, position = "comma", end
+        except json.JSONDecodeError as e:
+            more = f.read(chunk)  # the record may run on into the next chunk
+            if not more:
+                if expect == "end":
+                    return
+                raise malformed(e.msg, e.pos) from None
+            cut = text.rfind("\n", 0, position) + 1  # keep whole lines, so error lines and columns stay true
+            lines_before += text.count("\n", 0, cut)
+            text, position = text[cut:] + more, position - cut
 
 
 def is_one_object(path):

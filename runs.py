@@ -202,24 +202,44 @@ def model_fingerprint(directory):
     return digest.hexdigest()[:16]
 
 
-def check_earlier_outputs(output_dir, identity, overwrite):
-    """Answers and results in output_dir must come from this model with these settings: reusing
-    them would score another model. Refused, or deleted with --overwrite."""
-    def other(rows, key):  # the first identity that is not ours, or None
-        return next((row.get(key) or {} for row in rows if row.get(key) != identity), None)
+def questions_fingerprint(bench, questions):
+    """sha1 of what each question shows the model, in order: its id, image file and prompt. Batches,
+    and which process answers what, follow from the list, so an answer is reused only when the
+    whole list is unchanged; a corrected reference answer changes nothing here."""
+    asked = [[q["question_id"], q["image"], benchmarks.build_prompt(bench, q)] for q in questions]
+    return hashlib.sha1(json.dumps(asked).encode()).hexdigest()[:16]
 
-    found = []
+
+def check_earlier_outputs(output_dir, identity, questions, params_b, overwrite):
+    """Answers and results in output_dir must come from this model with these settings (identity),
+    and, for the benchmarks this run evaluates, from these questions ({benchmark: fingerprint});
+    results rows must carry this run's --params-b, or one model would be two sizes in the fit.
+    Reusing them would score another model, or answers to other questions. Refused, or deleted
+    with --overwrite."""
+    def expected(bench, **more):
+        return dict(identity, **({"questions": questions[bench]} if bench in questions else {}), **more)
+
+    def mismatch(pairs):  # the first (identity stored, identity wanted) that differ, or None
+        return next(((theirs, want) for theirs, want in pairs if any(theirs.get(k) != v for k, v in want.items())),
+                    None)
+
+    found = []  # (path, its first mismatch): the answers first, which the results come from
+    for folder in sorted(glob.glob(os.path.join(output_dir, "*", ""))):
+        want = expected(os.path.basename(os.path.dirname(folder)))
+        found += [(path, mismatch((row.get("metadata") or {}, want) for row in read_answer_rows(path)))
+                  for path in answer_files(folder)]
     results = os.path.join(output_dir, "results.jsonl")
     if os.path.exists(results):
-        found.append((results, other([json.loads(line) for line in open(results)], "identity")))
-    for folder in sorted(glob.glob(os.path.join(output_dir, "*", ""))):
-        found += [(path, other(read_answer_rows(path), "metadata")) for path in answer_files(folder)]
-    found = [(path, theirs) for path, theirs in found if theirs is not None]
+        rows = [json.loads(line) for line in open(results)]
+        found.append((results, mismatch((row.get("identity") or {}, expected(row.get("benchmark"), params_b=params_b))
+                                        for row in rows)))
+    found = [(path, pair) for path, pair in found if pair]
     if found and not overwrite:
-        path, theirs = found[0]
-        differs = [f"{k} {theirs.get(k)!r}, this run {v!r}" for k, v in identity.items() if theirs.get(k) != v]
-        raise SystemExit(f"error: {path} holds answers of another model or setting ({'; '.join(differs)}); "
-                         f"use another --output-dir, or --overwrite to delete {len(found)} such file(s)")
+        path, (theirs, want) = found[0]
+        differs = [f"{k} {theirs.get(k)!r}, this run {v!r}" for k, v in want.items() if theirs.get(k) != v]
+        raise SystemExit(f"error: {path} was written for another model, setting or question file "
+                         f"({'; '.join(differs)}); use another --output-dir, or --overwrite to delete "
+                         f"{len(found)} such file(s)")
     for path, _ in found:
         os.remove(path)
         metrics = os.path.join(os.path.dirname(path), "metrics.json")

@@ -416,6 +416,31 @@ def test_answer_ids_match_across_int_and_str():
     assert B.score("gqa", [q("201307251", ["no"])], [a(201307251, "no")])["accuracy"] == 100.0
 
 
+def test_answers_asked_another_prompt_are_refused_by_question_id():
+    """Answers kept from an earlier question file: question 2's answer was asked another question,
+    so scoring it against this one would be a wrong number."""
+    questions = [q(1, ["yes"], question="Is it red?"), q(2, ["no"], question="Is it round?")]
+    asked = [dict(a(k, "yes"), prompt=B.build_prompt("gqa", record)) for k, record in ((1, questions[0]),
+                                                                                    (2, questions[0]))]
+    with pytest.raises(ValueError, match="1 of 2 answers were asked another prompt than their question's, "
+                                         "e.g. question 2: asked 'Is it red\\?.*the question file asks 'Is it round\\?"):
+        B.score("gqa", questions, asked)
+    asked[1]["prompt"] = B.build_prompt("gqa", questions[1])
+    assert B.score("gqa", questions, asked)["accuracy"] == 50.0
+    assert B.score("gqa", questions, [a(1, "yes"), {"question_id": 2, "text": "no"}])["accuracy"] == 100.0  # none kept
+
+
+def test_llava_answer_files_record_prompts_that_count_as_the_questions():
+    """model_vqa_science.py records the prompt after '<image>\\n', model_vqa_mmbench.py before the
+    answer-format line; both are the question's prompt. Other options are not."""
+    record = q(1, ["B"], question="What colour is the sky?", hint="Look up.", options=["red", "blue"])
+    prompt = B.build_prompt("mmbench", record)
+    for recorded in (prompt, "<image>\n" + prompt, prompt.removesuffix(LETTER)):
+        assert B.asks("mmbench", record, recorded)
+    assert not B.asks("mmbench", record, prompt.replace("A. red\nB. blue", "A. blue\nB. red"))  # another rotation
+    assert not B.asks("mmbench", record, prompt.removesuffix(LETTER) + "\nAnswer in one word.")
+
+
 def write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return str(path)

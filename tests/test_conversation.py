@@ -354,3 +354,22 @@ def test_records_stream_in_chunks_as_json_load_reads_them(tmp_path):
         with pytest.raises(llava_data.BadSample,
                            match=f"data.json: malformed JSON at line {broken + 1}, column {whole.value.colno}: "):
             list(llava_data.iter_records(path, chunk))
+
+
+@pytest.mark.parametrize("joined", ["two lists", "no comma"])
+def test_a_json_list_is_refused_where_json_load_refuses_it(tmp_path, joined):
+    """`cat a.json b.json`: json.load refuses the data after the first list's ']', where reading up
+    to that bracket took half the records; two records without a comma between them likewise."""
+    records = [{"id": i, "conversations": [{"from": "human", "value": "a, [b] {c}"}]} for i in range(6)]
+    halves = json.dumps(records[:3], indent=2), json.dumps(records[3:], indent=2)
+    text = halves[0] + "\n" + halves[1] if joined == "two lists" else json.dumps(records).replace("}, {", "} {", 1)
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as whole:
+        json.loads(text)
+    for chunk in (7, 100, 1 << 24):
+        with pytest.raises(llava_data.BadSample, match=f"data.json: malformed JSON at line {whole.value.lineno}, "
+                                                       f"column {whole.value.colno}: {whole.value.msg}"):
+            list(llava_data.iter_records(path, chunk))
+    path.write_text(halves[0] + "\n \n")  # white space after the list is fine
+    assert [r for r, _ in llava_data.iter_records(path, 7)] == records[:3]

@@ -1,9 +1,16 @@
 """The toy world and the demo that runs the scaling study on it."""
 import csv
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
+import psutil
 import pytest
 import torch
 
@@ -11,7 +18,7 @@ import conversation
 from toy import demo
 import toy
 import vlm
-from conftest import run_script
+from conftest import ROOT, run_script
 
 CAPTION_OBJECT = re.compile(r"a (\w+) (\w+) at the ([\w ]+?)(?:,|\.|$)")
 
@@ -148,6 +155,50 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     (out / "settings.json").write_text(json.dumps(settings))
     result = run_script(*args, check=False)
     assert result.returncode != 0 and "stage-2 batch size 8 (now 16)" in result.stderr
+
+
+def runs_script(process, script):
+    try:
+        return script in " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return False
+
+
+def test_a_killed_demo_ends_the_script_it_runs(toy_data, tmp_path):
+    """The demo once died alone, its stage 2 training on (here: for 100,000 steps)."""
+    out = tmp_path / "demo"
+    shutil.copytree(toy_data, out / "data")  # made already: the demo goes straight to training
+    demo_process = psutil.Popen([sys.executable, "-m", "toy.demo", "--out", str(out), "--sizes", "toy-xs", "--tokens",
+                                 "1", "--seeds", "1", "--stage1-steps", "1", "--stage2-steps", "100000"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finetune, deadline = None, time.time() + 300
+    try:
+        while finetune is None and demo_process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            finetune = next((c for c in demo_process.children() if runs_script(c, "02_finetune.py")), None)
+        assert finetune is not None, (out / "demo.log").read_text()[-3000:]
+        demo_process.send_signal(signal.SIGTERM)
+        assert demo_process.wait(timeout=30) == -signal.SIGTERM
+        assert not psutil.wait_procs([finetune], timeout=30)[1], "the demo's stage 2 outlived it"
+    finally:
+        for process in [finetune, demo_process]:
+            if process is not None and process.is_running():
+                process.kill()
+
+
+def test_the_loss_windows_of_a_short_run_do_not_overlap(tmp_path):
+    """Under 20 logged steps the first ten and the last ten overlapped: four steps gave one number twice."""
+    _, _, stage2, evaluation = demo.run_dirs(tmp_path, "toy-xs", 1, 1)
+    os.makedirs(stage2)
+    os.makedirs(os.path.join(evaluation, "toy_ocr"))
+    with open(os.path.join(stage2, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": k + 1, "loss": loss}) + "\n" for k, loss in enumerate([4.0, 3.0, 2.0, 1.5]))
+    with open(os.path.join(evaluation, "results.jsonl"), "w") as f:
+        f.write(json.dumps({"benchmark": "toy_ocr", "params_b": 1e-5, "normalized": 0.25}) + "\n")
+    with open(os.path.join(evaluation, "toy_ocr", "metrics.json"), "w") as f:
+        json.dump({"per_category": {"ocr": 25.0}}, f)
+    [row] = demo.read_run(tmp_path, "toy-xs", 1, 1)
+    assert (row["loss_first"], row["loss_last"]) == (3.5, 1.75)
 
 
 ARGS = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,

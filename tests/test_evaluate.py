@@ -102,12 +102,23 @@ def test_two_processes_equal_one(checkpoint, toy_data, uninterrupted, tmp_path):
             {r["question_id"]: r["text"] for r in answers(uninterrupted, bench)}
 
 
-def test_score_only_prints_metrics(uninterrupted, toy_data):
+def test_score_only_prints_metrics(uninterrupted, toy_data, tmp_path):
     result = run_script("03_evaluate.py", "--score-only", "--bench", "toy_reasoning",
                         "--questions", str(toy_data / "eval" / "toy_reasoning" / "questions.jsonl"),
                         "--answers", str(uninterrupted / "toy_reasoning" / "answers.jsonl"))
     metrics = json.loads(result.stdout)
     assert metrics == json.load(open(uninterrupted / "toy_reasoning" / "metrics.json"))
+    # the question file changed since: its answers were asked other questions
+    questions = (toy_data / "eval" / "toy_reasoning" / "questions.jsonl").read_text().splitlines()
+    changed = json.loads(questions[4]) | {"question": "Is there a blue square here?"}
+    questions[4] = json.dumps(changed)
+    (tmp_path / "questions.jsonl").write_text("\n".join(questions) + "\n")
+    result = run_script("03_evaluate.py", "--score-only", "--bench", "toy_reasoning", "--questions",
+                        str(tmp_path / "questions.jsonl"), "--answers", str(uninterrupted / "toy_reasoning" / "answers.jsonl"),
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"1 of {len(questions)} answers were asked another prompt than their question's, e.g. question " \
+           f"{changed['question_id']!r}: asked " in result.stderr and "Is there a blue square here?" in result.stderr
     result = run_script("03_evaluate.py", "--score-only", "--bench", "nope", "--questions", "q", "--answers", "a",
                         check=False)
     assert result.returncode != 0 and "unknown benchmark 'nope'" in result.stderr
@@ -121,24 +132,46 @@ def test_one_off_answer_matches_the_benchmark_run(checkpoint, toy_data, uninterr
     assert result.stdout.strip() == expected["text"]
 
 
-def test_missing_image_is_reported_with_counts(checkpoint, toy_data, tmp_path):
+def test_a_missing_or_undecodable_image_is_named_in_one_line(checkpoint, toy_data, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(toy_data / "eval" / "toy_ocr", root / "toy_ocr", symlinks=False)
-    questions = (root / "toy_ocr" / "questions.jsonl").read_text().splitlines()
+    original = (root / "toy_ocr" / "questions.jsonl").read_text()
+    questions = original.splitlines()
     broken = json.loads(questions[1]) | {"image": "gone.png"}
     questions[1] = json.dumps(broken)
     (root / "toy_ocr" / "questions.jsonl").write_text("\n".join(questions) + "\n")
-    result = run_script("03_evaluate.py", "--model", str(checkpoint), "--bench", "toy_ocr", "--data-root",
-                        str(root), "--output-dir", str(tmp_path / "out"), check=False)
+    args = ["03_evaluate.py", "--model", str(checkpoint), "--bench", "toy_ocr", "--data-root", str(root),
+            "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "2"]
+    result = run_script(*args, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"1 of {len(questions)} questions have no image" in result.stderr
     assert f"question {broken['question_id']}" in result.stderr
+    # a file that exists and passes the existence check but does not decode: a data-loader worker finds it
+    (root / "toy_ocr" / "questions.jsonl").write_text(original)
+    question = json.loads(questions[3])
+    image = root / "toy_ocr" / "images" / question["image"]
+    image.write_bytes(image.read_bytes()[:100])
+    result = run_script(*args, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: {image}: cannot decode the image of question {question['question_id']} (" in result.stderr
+    result = run_script("generate.py", "--model", str(checkpoint), "--image", str(image), "--question", "What?",
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {image}: cannot decode the image (" in result.stderr
 
 
-def test_params_b_writes_the_nominal_size(checkpoint, toy_data, uninterrupted, tmp_path):
-    """--params-b: the paper's fit uses nominal sizes (0.5, 1.8, 4, 7); the counted one stays."""
+def test_params_b_writes_the_nominal_size_and_one_per_model(checkpoint, toy_data, uninterrupted, tmp_path):
+    """--params-b: the paper's fit uses nominal sizes (0.5, 1.8, 4, 7); the counted one stays. One
+    benchmark evaluated again with --params-b once left the other's row at the counted size: one
+    model, two sizes in the fit."""
     shutil.copytree(uninterrupted, tmp_path / "eval")
-    evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0.5")  # answered already: scoring only
+    result = evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0.5", "--bench", "toy_ocr", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'eval' / 'results.jsonl'} was written for another model, setting or question file " \
+           "(params_b None, this run 0.5); use another --output-dir, or --overwrite" in result.stderr
+    evaluate(checkpoint, toy_data, tmp_path / "eval", "--params-b", "0.5", "--overwrite")  # answered already: scoring only
+    for bench in BENCHES.split(","):
+        assert answers(tmp_path / "eval", bench) == answers(uninterrupted, bench)
     counted = [json.loads(line)["params_b"] for line in open(uninterrupted / "results.jsonl")]
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "results.jsonl")]
     assert [r["params_b"] for r in rows] == [0.5, 0.5]

@@ -272,9 +272,41 @@ def test_answers_of_another_model_or_setting_are_refused_or_overwritten(toy_data
             "max_new_tokens 2, this run 3")
     run_script(*evaluate_args(other, toy_data, tmp_path, "--overwrite"))
     identity = evaluate.answer_identity(argparse.Namespace(model=str(other), max_new_tokens=2, batch_size=8), world=1)
+    identity["questions"] = runs.questions_fingerprint(
+        "toy_ocr", benchmarks.load_questions(toy_data / "eval" / "toy_ocr" / "questions.jsonl"))
     rows = [json.loads(line) for line in open(tmp_path / "toy_ocr" / "answers.jsonl")]
     assert {json.dumps(r["metadata"]) for r in rows} == {json.dumps(identity)}
-    assert json.loads(open(tmp_path / "results.jsonl").readline())["identity"] == identity
+    assert json.loads(open(tmp_path / "results.jsonl").readline())["identity"] == dict(identity, params_b=None)
+
+
+def test_what_a_question_shows_the_model_makes_its_answers_identity(toy_data):
+    questions = benchmarks.load_questions(toy_data / "eval" / "toy_reasoning" / "questions.jsonl")
+    fingerprint = runs.questions_fingerprint("toy_reasoning", questions)
+    corrected = [dict(q, answers=["blue"]) if i == 3 else q for i, q in enumerate(questions)]
+    assert runs.questions_fingerprint("toy_reasoning", corrected) == fingerprint  # scoring changes, not answers
+    for key, value in (("question", "Is it blue?"), ("image", "other.png"), ("question_id", "new")):
+        changed = [dict(q, **{key: value}) if i == 3 else q for i, q in enumerate(questions)]
+        assert runs.questions_fingerprint("toy_reasoning", changed) != fingerprint, key
+    assert runs.questions_fingerprint("toy_reasoning", questions[1:]) != fingerprint
+
+
+def test_answers_to_changed_questions_are_refused_or_answered_again(toy_data, tmp_path, checkpoint):
+    """03 once reused every answer after the question file changed and scored them against the new questions."""
+    folder = tmp_path / "data" / "eval" / "toy_ocr"
+    folder.mkdir(parents=True)
+    (folder / "images").symlink_to(toy_data / "images")
+    questions = (toy_data / "eval" / "toy_ocr" / "questions.jsonl").read_text().splitlines()
+    (folder / "questions.jsonl").write_text("\n".join(questions) + "\n")
+    run_script(*evaluate_args(checkpoint, tmp_path / "data", tmp_path / "out"))
+    changed = json.loads(questions[2]) | {"question": "Which word is written here?"}
+    questions[2] = json.dumps(changed)
+    (folder / "questions.jsonl").write_text("\n".join(questions) + "\n")
+    answers = tmp_path / "out" / "toy_ocr" / "answers.jsonl"
+    refused(run_script(*evaluate_args(checkpoint, tmp_path / "data", tmp_path / "out"), check=False),
+            f"{answers} was written for another model, setting or question file (questions '", "--overwrite")
+    run_script(*evaluate_args(checkpoint, tmp_path / "data", tmp_path / "out", "--overwrite"))
+    prompts = {row["question_id"]: row["prompt"] for row in map(json.loads, open(answers))}
+    assert prompts[changed["question_id"]] == benchmarks.build_prompt("toy_ocr", changed)
 
 
 def test_evaluation_refuses_bad_values_in_one_line(toy_data, tmp_path, checkpoint):

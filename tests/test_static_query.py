@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 import conversation
 import vlm
-from generate import StaticQuery, plain_answers
+from generate import StaticQuery, UnreadableImage, plain_answers
 
 QUESTIONS = ["What colour is the shape?", "How many shapes are there? Answer the question using a single word."]
 NEW_TOKENS = 6
@@ -156,3 +156,15 @@ def test_bench_scripts_run_on_cpu(script, extra, tmp_path, monkeypatch):
         assert row["predicted_speedup"] == pytest.approx(626 / 51)
     if script == "bench_static_query":
         assert all(r["answers_equal"] for r in result["rows"])
+
+
+def test_an_image_that_does_not_decode_is_named(quecc, images, tmp_path):
+    """A truncated file passes generate.py's existence check; both paths name it when it fails to decode."""
+    model, tokenizer, image_processor = quecc
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(open(images[1], "rb").read()[:100])
+    paths = [images[1], str(broken)]
+    with pytest.raises(UnreadableImage, match=f"{broken}: cannot decode the image"):
+        plain_answers(model, tokenizer, image_processor, QUESTIONS[0], paths, max_new_tokens=1)
+    with pytest.raises(UnreadableImage, match=f"{broken}: cannot decode the image"):
+        StaticQuery(model, tokenizer, image_processor, QUESTIONS[0], max_new_tokens=1).answer(paths)

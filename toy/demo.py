@@ -10,9 +10,9 @@ evaluation on the held-out reasoning and OCR questions (03_evaluate.py); then th
 per split (04_fit_scaling.py) on the cell means, its bootstrap redrawing the seeds of each cell.
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
 seed-to-seed spread. Every step is a repo script run as a user would run it, and
-is skipped when its output exists, so a killed demo picks up where it stopped. The frozen
-vision tower's features are computed once per image (--feature-cache) and reused by every
-run, epoch and evaluation.
+is skipped when its output exists, so a killed demo picks up where it stopped (and a kill ends
+the script it is running too). The frozen vision tower's features are computed once per image
+(--feature-cache) and reused by every run, epoch and evaluation.
 
 Outputs in --out: scores.csv (params_b, tokens, seed, benchmark, score per run), fit_reasoning.json
 and fit_ocr.json with the plots in fit_reasoning/ and fit_ocr/, summary.md, timings.json
@@ -24,8 +24,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -146,14 +148,39 @@ class StepFailed(Exception):
     pass
 
 
+# The scripts running now. A demo that is killed ends them first (end_with_the_demo): killing a
+# process does not kill its children, and a stage 2 left training on would hold the CPUs and its
+# output directory's lock for the rest of its steps.
+children, children_lock = set(), threading.RLock()
+
+
 def run(log, *args, threads=None):
     """A repo script in a subprocess, its output appended to `log`."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     with open(log, "a") as f:
         f.write(f"\n$ python {' '.join(args)}\n")
         f.flush()
-        if subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=f, env=env).returncode:
+        with children_lock:  # not started while a signal handler ends the others
+            child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=f, env=env)
+            children.add(child)
+        try:
+            failed = child.wait()
+        finally:
+            with children_lock:
+                children.discard(child)
+        if failed:
             raise StepFailed(f"{args[1] if args[0] == '-m' else args[0]} failed; its output is at the end of {log}")
+
+
+def end_with_the_demo(signum, frame):
+    """SIGTERM, SIGINT (Ctrl-C) or SIGHUP: end the running scripts, then the demo, as the signal
+    would have. (SIGKILL cannot be caught: the scripts then run on, and `kill -- -PID` ends the
+    process group of a demo started from an interactive shell.)"""
+    with children_lock:  # held to the end: no script starts or leaves the set meanwhile
+        for child in children:
+            child.terminate()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def run_dirs(out, size, tokens, seed):
@@ -216,13 +243,14 @@ def read_run(out, size, tokens, seed):
     """The score rows of one finished run."""
     _, _, stage2, evaluation = run_dirs(out, size, tokens, seed)
     losses = [json.loads(line)["loss"] for line in open(os.path.join(stage2, "log.jsonl"))]
+    window = max(1, min(10, len(losses) // 2))  # the first and last ten steps; in a short run, halves that do not overlap
     rows = []
     for result in map(json.loads, open(os.path.join(evaluation, "results.jsonl"))):
         metrics = json.load(open(os.path.join(evaluation, result["benchmark"], "metrics.json")))
         rows.append(dict(run=f"{size}-v{tokens}", seed=seed, params_b=result["params_b"], tokens=tokens,
                          benchmark=result["benchmark"],
                          score=result["normalized"], per_category=metrics.get("per_category", {}),
-                         loss_first=mean(losses[:10]), loss_last=mean(losses[-10:])))
+                         loss_first=mean(losses[:window]), loss_last=mean(losses[-window:])))
     return rows
 
 
@@ -431,6 +459,9 @@ def main():
         print_real()
         return
     started = time.time()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+            signal.signal(signum, end_with_the_demo)
     out = os.path.abspath(args.out)
     runs.lock_directory(out)  # one demo at a time in one --out
     check_settings(out, args)
