@@ -43,9 +43,9 @@ def lock_directory(directory):
 # ---------------------------------------------------------------- training runs (01, 02)
 
 # What a resume may change: how the run is carried out, not what it computes (the loss does
-# not depend on how a global batch is split; docs/training.md).
+# not depend on how a global batch is split or packed; docs/training.md).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
+                        "packing", "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
 
 
 def run_settings(args):

@@ -157,22 +157,34 @@ class VLM(nn.Module):
             yield ids
 
     def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
-                pixel_values=None, features=None):
+                pixel_values=None, features=None, position_ids=None):
         """-> (sum of token losses, number of label tokens). The caller divides, so the loss
         can be normalised over a whole global batch, however it is split.
         Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
-        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
+        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM.
+        position_ids: a packed batch (conversation.collate_rows), rows of samples whose positions
+        restart at 0 with each; attention_mask then only marks its real tokens."""
         # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
         # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
         # final hidden states after the last norm, its own head on one position only. The head
         # runs below, on the label positions.
         with self.inputs(input_ids, query_ids, query_mask, has_image, pixel_values, features) as ids:
-            hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
-                              logits_to_keep=1).hidden_states[-1]
+            hidden = self.llm(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
+                              **attention_inputs(attention_mask, position_ids)).hidden_states[-1]
         targets = labels[:, 1:]
         at_label = targets != IGNORE  # position t predicts label t + 1
         loss = label_loss(self.llm.get_output_embeddings(), hidden[:, :-1][at_label], targets[at_label])
         return loss, at_label.sum()
+
+
+def attention_inputs(attention_mask, position_ids=None):
+    """The LLM's masking inputs for a training forward. Padded: the padding mask. Packed: no mask
+    but position ids that restart with each sample, from which transformers builds a block-diagonal
+    causal mask (masking_utils.find_packed_sequence_indices): a sample attends to itself alone.
+    It does so only when the forward has no cache, and a training forward would make one (the
+    config's use_cache): hence use_cache=False, which changes nothing else."""
+    masking = dict(attention_mask=attention_mask) if position_ids is None else dict(position_ids=position_ids)
+    return dict(masking, use_cache=False)
 
 
 LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by label_loss: 128 MiB in fp32, whatever the vocabulary

@@ -171,7 +171,8 @@ def test_resume_refuses_changed_settings_and_allows_the_others(toy_data, tmp_pat
             "--lr 0.001 -> 0.002")
     refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--batch-size", "2",
                    "--micro-batch-size", "2", check=False), "--batch-size 4 -> 2")
-    done = stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1")
+    done = stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1",
+                  "--packing")
     assert "finished; nothing to do" in done.stdout
 
 

@@ -126,7 +126,7 @@ def fsdp_worker(toy_data, out):
     differences = {}
     for compressor in ("quecc", "pool"):
         model, tokenizer, processor = build(compressor=compressor)
-        train.shard_llm(model, torch.device("cpu"))
+        train.shard_llm(model, torch.float64)  # compute in the dtype build() holds the model in
         batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank])
         differences[compressor] = [None, None]
         dist.all_gather_object(differences[compressor], relative_differences(model, batch))
