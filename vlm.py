@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil,
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil,
                           CLIPVisionConfig, CLIPVisionModel)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import toy
 from constants import IGNORE, IMAGE_SLOT
@@ -89,6 +91,8 @@ class VLM(nn.Module):
         super().__init__()
         self.llm, self.vision, self.projector, self.config = llm, vision, projector, config
         self.vision.requires_grad_(False)  # frozen in both stages: never trained, never in the optimizer
+        if llm.config._attn_implementation == "sdpa":  # the same sdpa; a packed batch one sample at a time
+            llm.config._attn_implementation = PER_SAMPLE
         self._pending = None
         llm.get_input_embeddings().register_forward_hook(self._insert_visual)
 
@@ -180,11 +184,41 @@ class VLM(nn.Module):
 def attention_inputs(attention_mask, position_ids=None):
     """The LLM's masking inputs for a training forward. Padded: the padding mask. Packed: no mask
     but position ids that restart with each sample, from which transformers builds a block-diagonal
-    causal mask (masking_utils.find_packed_sequence_indices): a sample attends to itself alone.
-    It does so only when the forward has no cache, and a training forward would make one (the
-    config's use_cache): hence use_cache=False, which changes nothing else."""
-    masking = dict(attention_mask=attention_mask) if position_ids is None else dict(position_ids=position_ids)
-    return dict(masking, use_cache=False)
+    causal mask (masking_utils.find_packed_sequence_indices) that any attention honours; and where
+    each sample starts in the rows laid end to end (cu_seq_lens, FlashAttention's variable-length
+    inputs), with which attend_per_sample and FlashAttention attend within each sample's span
+    instead of computing the whole masked square of a row. transformers builds the mask only when
+    the forward has no cache, and a training forward would make one (the config's use_cache):
+    hence use_cache=False, which changes nothing else."""
+    if position_ids is None:
+        return dict(attention_mask=attention_mask, use_cache=False)
+    starts = (position_ids.flatten() == 0).nonzero().flatten()
+    bounds = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).int()
+    longest = int(bounds.diff().max())
+    return dict(position_ids=position_ids, use_cache=False, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
+                max_length_q=longest, max_length_k=longest)
+
+
+PER_SAMPLE = "sdpa_per_sample"  # the attention implementation VLM gives an sdpa LLM
+
+
+def attend_per_sample(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' sdpa, but a packed batch (cu_seq_lens_q, attention_inputs) attends one sample at
+    a time, over its own span: under the block-diagonal mask sdpa computes each row's whole square
+    and discards the rest, on a CPU 3.7x the attention of 2048 tokens of three samples (measured
+    in docs/training.md). -> (output (rows, length, heads, head width), None), as sdpa's."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, _, length, _ = query.shape
+    tokens = [t.transpose(1, 2).flatten(0, 1) for t in (query, key, value)]  # (rows x length, heads, width)
+    bounds = cu_seq_lens_q.tolist()
+    spans = [sdpa_attention_forward(module, *(t[a:b].transpose(0, 1)[None] for t in tokens), None, **kwargs)[0][0]
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(spans).unflatten(0, (rows, length)), None
+
+
+AttentionInterface.register(PER_SAMPLE, attend_per_sample)
+AttentionMaskInterface.register(PER_SAMPLE, sdpa_mask)  # padded batches: sdpa's own masks
 
 
 LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by label_loss: 128 MiB in fp32, whatever the vocabulary

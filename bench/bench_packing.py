@@ -1,6 +1,7 @@
 """Benchmark: padding and real (non-padding) tokens per second of a training step on LLaVA-665K's
 length mix, at V = 4 and V = 576: plain (train.py's default), --group-by-length and --packing, side
-by side in one run.
+by side in one run; and packing with transformers' block-diagonal mask under sdpa in place of
+vlm.attend_per_sample (packing_mask).
 
 The lengths. docs/data.md records no token lengths of llava_v1_5_mix665k.json (the file is not
 here), so they are synthesised: the released file's records per image folder (COCO 364,100, VG
@@ -11,18 +12,23 @@ conversation; ShareGPT long and multi-turn), rendered as vicuna_v1 (a 35-token s
 tokens of markers a turn, EOS after each answer, loss on the answers), cut at --max-length.
 
 The step. What train.py runs for each micro-batch (VLM.forward, label-only loss, then backward;
-the optimizer step, the same in every mode, left out), on rank 0 of --world devices over a global
-batch of --batch-size, at micro-batch --micro-batch: plain and group_by_length split the rank's
-share into micro-batches (train.micro_batches; group_by_length given the exact token lengths, its
-best case), packing packs it (conversation.collate_packed). The model is a slice of Qwen1.5-0.5B:
-its layer shapes (width 1024, 16 heads, MLP 2816), --layers of its 24 layers and the same share of
-its 151,936-word vocabulary (the label-only head keeps its share of the step), QueCC at V, and the
-vision tower's features of CLIP-L/336's shapes given as a feature cache gives them (the tower's
-cost is the same in every mode). QueCC's projector and question pass keep their full per-sample
-cost, the same in every mode too: with fewer layers they weigh more, and the ratios come out lower
-than the real model's. --layers 24 is the real LLM. Timed: --timed micro-batches of the step, evenly
-spaced through it, the same positions in each mode, round-robin; real tokens/s is their real tokens
-over their time. Padding: over --padding-steps steps, and for other layouts (LAYOUTS).
+the optimizer step, the same in every mode, left out), for rank 0's share of a global batch of
+--batch-size over --world devices, at micro-batch --micro-batch. By default one device's step of
+32 samples in 4 micro-batches of 8 (train.py's micro-batch): a device's share of LLaVA-1.5's 128 on
+4 devices, on one device so that every mode runs the same samples (group_by_length sorts the
+global batch before dealing it to the devices). plain and group_by_length split the share into
+micro-batches (train.micro_batches; group_by_length given the exact token lengths, its best case),
+packing packs it (conversation.collate_packed). Every micro-batch of the step is timed, the modes
+taking turns micro-batch by micro-batch, best of --rounds; real tokens/s is the step's real tokens
+over its time (on a CPU with one thread, CPU time: common.clock).
+
+The model is a slice of Qwen1.5-0.5B: its layer shapes (width 1024, 16 heads, MLP 2816), --layers
+of its 24 layers and the same share of its 151,936-word vocabulary (the label-only head keeps its
+share of the step), QueCC at V, and the vision tower's features of CLIP-L/336's shapes given as a
+feature cache gives them (the tower's cost is the same in every mode). QueCC's projector and
+question pass keep their full per-sample cost, the same in every mode too: with fewer layers they
+weigh more, and the ratios come out lower than the real model's. --layers 24 is the real LLM.
+Padding: over --padding-steps steps, and for other layouts (LAYOUTS).
 
     python bench/bench_packing.py --out out/bench/packing.json
 """
@@ -60,8 +66,9 @@ SOURCES = {
     "sharegpt": (40_688, False, (1, 8), (60, 1.0), (250, 0.8)),
 }
 MODES = ("plain", "group_by_length", "packing")
+TIMED = MODES + ("packing_mask",)
 # (devices, global batch, micro-batch): padding only, beside the timed layout
-LAYOUTS = ((1, 128, 8), (8, 128, 16), (8, 256, 16), (2, 128, 8))
+LAYOUTS = ((1, 128, 8), (2, 128, 8), (8, 128, 8), (8, 128, 16), (8, 256, 16))
 
 
 def lognormal(rng, mean, sigma):
@@ -92,7 +99,7 @@ def synthesise(count, tokens, vocab, max_length, seed=0):
 
 def micro_batches(mode, samples, batch, world, micro, max_length):
     """Rank 0's micro-batches of one global batch (indices into samples), without images."""
-    if mode == "packing":
+    if mode.startswith("packing"):
         share = [samples[i] for i in batch[::world]]
         return conversation.collate_packed(share, 0, max_length, len(share) // micro)
     lengths = [len(s["input_ids"]) for s in samples] if mode == "group_by_length" else None
@@ -142,7 +149,7 @@ def on_device(batch, device):
 
 
 def measure(args, tokens, rounds):
-    """One V: the timed micro-batches of each mode, round-robin -> rows."""
+    """One V: rank 0's step in each mode (TIMED), micro-batch by micro-batch in turn -> rows."""
     model = sliced_model(args.layers, tokens, args.device)
     vocab = model.llm.config.vocab_size
     largest = max(args.batch_size, *(batch_size for _, batch_size, _ in LAYOUTS))
@@ -153,30 +160,28 @@ def measure(args, tokens, rounds):
     step_samples = list(samples)
     for i in batch[::args.world]:  # rank 0's share
         step_samples[i] = with_features(samples[i], model.config["grid"], CLIP_L_336["hidden_size"], generator)
-    timed = {}
-    for mode in MODES:
-        micro = micro_batches(mode, step_samples, batch, args.world, args.micro_batch, args.max_length)
-        positions = sorted({round(k * (len(micro) - 1) / max(1, args.timed - 1)) for k in range(args.timed)})
-        timed[mode] = [on_device(micro[p], args.device) for p in positions]
-    seconds, now = {mode: [0.0] * len(timed[mode]) for mode in MODES}, clock(args.device)
+    timed = {mode: [on_device(b, args.device) for b in
+                    micro_batches(mode, step_samples, batch, args.world, args.micro_batch, args.max_length)]
+             for mode in TIMED}
+    seconds, now = {mode: [math.inf] * len(timed[mode]) for mode in TIMED}, clock(args.device)
     warm_up = conversation.collate([next(s for s in step_samples if "features" in s)], 0)
     step(model, on_device(warm_up, args.device), "labels", args.device)
-    for r in range(rounds):
+    for _ in range(rounds):
         for k in range(len(timed["plain"])):
-            for mode in MODES:
+            for mode in TIMED:  # packing_mask: sdpa under the block-diagonal mask, every row's whole square
+                model.llm.config._attn_implementation = "sdpa" if mode == "packing_mask" else vlm.PER_SAMPLE
                 sync(args.device)
                 start = now()
                 step(model, timed[mode][k], "labels", args.device)
                 sync(args.device)
-                elapsed = now() - start
-                seconds[mode][k] = elapsed if r == 0 else min(seconds[mode][k], elapsed)
+                seconds[mode][k] = min(seconds[mode][k], now() - start)
+    model.llm.config._attn_implementation = vlm.PER_SAMPLE
     rows = []
-    for mode in MODES:
+    for mode in TIMED:
         real = sum(b["attention_mask"].sum().item() for b in timed[mode])
-        total = sum(b["attention_mask"].numel() for b in timed[mode])
-        rows.append(dict(tokens=tokens, mode=mode, padding_fraction=pads[mode], real_tokens_per_s=real / sum(seconds[mode]),
-                         timed_seconds=sum(seconds[mode]), timed_real_tokens=real, timed_tokens=total,
-                         timed_padding_fraction=1 - real / total))
+        rows.append(dict(tokens=tokens, mode=mode, padding_fraction=pads[mode.removesuffix("_mask")],
+                         real_tokens_per_s=real / sum(seconds[mode]), step_seconds=sum(seconds[mode]),
+                         real_tokens=real, tokens_with_padding=sum(b["attention_mask"].numel() for b in timed[mode])))
     return rows, samples
 
 
@@ -184,19 +189,17 @@ def main():
     p = common_args(__doc__.split("\n")[0], models=False)
     p.add_argument("--tokens", type=int_list, default=[4, 576], help="visual tokens V, comma-separated")
     p.add_argument("--world", type=int, default=1, help="devices the global batch is split over (rank 0 measured)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (LLaVA-1.5 stage 2: 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument("--micro-batch", type=int, default=8, help="per device (train.py's default: 8)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen1.5-0.5B's 24 (24: the real shape)")
-    p.add_argument("--timed", type=int, default=4, help="micro-batches of the step timed per mode")
     p.add_argument("--padding-steps", type=int, default=100, help="global batches the padding is measured over")
     args = setup(p)
     rounds = args.rounds or 1
     info = machine(args)
     accumulation = args.batch_size // (args.world * args.micro_batch)
     print(f"Qwen1.5-0.5B slice: {args.layers} of 24 layers; global batch {args.batch_size} on {args.world} device(s), "
-          f"micro-batch {args.micro_batch} x {accumulation}; {args.timed} micro-batches timed per mode, "
-          f"best of {rounds} round(s)\n{info}")
+          f"micro-batch {args.micro_batch} x {accumulation}; rank 0's step, best of {rounds} round(s)\n{info}")
     rows, layouts = [], []
     for tokens in args.tokens:
         start = time.time()
@@ -206,24 +209,21 @@ def main():
             pads = padding(samples, world, batch_size, micro, args.max_length, args.padding_steps)
             layouts.append(dict(tokens=tokens, world=world, batch_size=batch_size, micro_batch=micro, **pads))
         print(f"V = {tokens}: {time.time() - start:.0f} s")
-    print_table(["V", "mode", "padding", "real tokens/s", "timed: s", "real tokens", "padding"],
+    print_table(["V", "mode", "padding", "real tokens/s", "step s", "real tokens", "with padding"],
                 [[str(r["tokens"]), r["mode"], f"{100 * r['padding_fraction']:.1f}%", f"{r['real_tokens_per_s']:.0f}",
-                  f"{r['timed_seconds']:.1f}", str(r["timed_real_tokens"]), f"{100 * r['timed_padding_fraction']:.1f}%"]
-                 for r in rows])
+                  f"{r['step_seconds']:.1f}", str(r["real_tokens"]), str(r["tokens_with_padding"])] for r in rows])
     ratios = []
     for tokens in args.tokens:
         speed = {r["mode"]: r["real_tokens_per_s"] for r in rows if r["tokens"] == tokens}
-        ratios.append(dict(tokens=tokens, packing=speed["packing"] / speed["plain"],
-                           group_by_length=speed["group_by_length"] / speed["plain"]))
-        print(f"V = {tokens}: packing {ratios[-1]['packing']:.2f}x the real tokens/s of plain, "
-              f"group_by_length {ratios[-1]['group_by_length']:.2f}x")
+        ratios.append(dict(tokens=tokens, **{mode: speed[mode] / speed["plain"] for mode in TIMED[1:]}))
+        print(f"V = {tokens}: the real tokens/s of plain x " + ", ".join(f"{m} {ratios[-1][m]:.2f}" for m in TIMED[1:]))
     print("padding of other layouts (devices x micro-batch, global batch):")
     print_table(["V", "devices", "batch", "micro", *MODES],
                 [[str(r["tokens"]), str(r["world"]), str(r["batch_size"]), str(r["micro_batch"]),
                   *(f"{100 * r[m]:.1f}%" for m in MODES)] for r in layouts])
     write_json(args.out, dict(benchmark="packing", machine=info, layers=args.layers, world=args.world,
                               batch_size=args.batch_size, micro_batch=args.micro_batch, max_length=args.max_length,
-                              timed=args.timed, rounds=rounds, rows=rows, ratios=ratios, layouts=layouts))
+                              rounds=rounds, rows=rows, ratios=ratios, layouts=layouts))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """--packing: a step's samples concatenated into rows of up to --max-length tokens, each sample attending
 to itself alone, positions restarting at 0, visual tokens and QueCC's question per sample. The loss and
 the gradients equal the unpacked batch's (float64, to summation order), with the label-only loss, LoRA
-and gradient checkpointing. Whole runs (FSDP on 2 processes, resume mid-epoch, the trained weights):
-tests/test_scale_out.py."""
+and gradient checkpointing, under vlm.attend_per_sample (what a VLM runs sdpa as) and under sdpa with
+transformers' block-diagonal mask. Whole runs (FSDP on 2 processes, resume mid-epoch, the trained
+weights): tests/test_scale_out.py."""
 import json
 import os
 import runpy
@@ -80,9 +81,18 @@ def summed(micro_batches, compute):
     return sum(losses), sum(counts)
 
 
-@pytest.mark.parametrize("setting", ["plain", "lora", "grad-checkpointing"])
+def block_diagonal_mask(model):
+    """The model's LLM on transformers' own sdpa, which attends under the block-diagonal mask."""
+    model.llm.config._attn_implementation = "sdpa"
+    return model
+
+
+@pytest.mark.parametrize("setting", ["plain", "lora", "grad-checkpointing", "block-diagonal-mask"])
 def test_packed_loss_and_gradients_equal_the_padded_batch(samples, tokenizer, setting):
     model, _, _ = build(lora=setting == "lora")
+    assert model.llm.config._attn_implementation == vlm.PER_SAMPLE
+    if setting == "block-diagonal-mask":
+        block_diagonal_mask(model)
     if setting == "grad-checkpointing":
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.py
         model.train()  # checkpointing recomputes only in training mode (the toy LLM has no dropout)
@@ -107,11 +117,14 @@ def train_bench_all_positions(model, batch):
     return all_positions_loss(model, batch)
 
 
-def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch):
+@pytest.mark.parametrize("attention", [vlm.PER_SAMPLE, "block-diagonal-mask"])
+def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch, attention):
     """Change one sample's prompt and image: the hidden states the loss reads at the labels of the
     sample beside it in the row do not move (they would, were attention across samples, or the
     positions running on), and they are those of that sample alone."""
     model, _, _ = build()
+    if attention != vlm.PER_SAMPLE:
+        block_diagonal_mask(model)
     at_labels, loss = [], vlm.label_loss
     monkeypatch.setattr(vlm, "label_loss", lambda head, hidden, targets: at_labels.append(hidden) or loss(head, hidden, targets))
     first, second = samples[2], samples[3]  # two image samples, 76 + 40 tokens: one row
@@ -129,6 +142,30 @@ def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch):
     assert not torch.allclose(before[:split], after[:split], atol=1e-3)  # the change reached the model
     assert torch.equal(before[split:], after[split:]) and len(alone) == len(before) - split > 0
     assert torch.allclose(alone, after[split:], rtol=0, atol=1e-12)
+
+
+def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypatch):
+    """attend_per_sample runs sdpa on each sample's span (and on a row's padding, a span of its own),
+    not on the whole row under a mask; an unpacked batch goes to sdpa whole, with its padding mask."""
+    model, _, _ = build()
+    calls, sdpa = [], vlm.sdpa_attention_forward
+
+    def recorded(module, query, key, value, mask, **kwargs):
+        calls.append((query.shape[0], query.shape[2], mask is not None))  # rows, length, masked
+        return sdpa(module, query, key, value, mask, **kwargs)
+    monkeypatch.setattr(vlm, "sdpa_attention_forward", recorded)
+    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 76, 40 and 78 tokens: two rows
+    packed = conversation.collate_packed(three, tokenizer.pad_token_id, ROW, 1)[0]
+    padded = conversation.collate(three, tokenizer.pad_token_id)
+    spans = [n for row in packed["position_ids"]
+             for n in torch.cat([(row == 0).nonzero().flatten(), torch.tensor([len(row)])]).diff().tolist()]
+    assert sorted(spans) == sorted([76, 40, 78, 116 - 78])  # the three samples, the padding of the short row
+    with torch.no_grad():
+        for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 78, True)])):
+            calls.clear()
+            model(**batch)
+            assert all(rows == 3 for rows, _, _ in calls[:layers])  # QueCC's question pass, as sdpa
+            assert calls[layers:] == expected * layers
 
 
 @pytest.mark.parametrize("flags, words", [
