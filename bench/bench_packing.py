@@ -18,9 +18,9 @@ the optimizer step, the same in every mode, left out), for rank 0's share of a g
 4 devices, on one device so that every mode runs the same samples (group_by_length sorts the
 global batch before dealing it to the devices). plain and group_by_length split the share into
 micro-batches (train.micro_batches; group_by_length given the exact token lengths, its best case),
-packing packs it (conversation.collate_packed). Every micro-batch of the step is timed, the modes
-taking turns micro-batch by micro-batch, best of --rounds; real tokens/s is the step's real tokens
-over its time (on a CPU with one thread, CPU time: common.clock).
+packing packs it (conversation.collate_packed). Every micro-batch of the first --steps steps is
+timed, the modes taking turns micro-batch by micro-batch, best of --rounds; real tokens/s is their
+real tokens over their time (on a CPU with one thread, CPU time: common.clock).
 
 The model is a slice of Qwen1.5-0.5B: its layer shapes (width 1024, 16 heads, MLP 2816), --layers
 of its 24 layers and the same share of its 151,936-word vocabulary (the label-only head keeps its
@@ -149,18 +149,18 @@ def on_device(batch, device):
 
 
 def measure(args, tokens, rounds):
-    """One V: rank 0's step in each mode (TIMED), micro-batch by micro-batch in turn -> rows."""
+    """One V: rank 0's first --steps steps in each mode (TIMED), micro-batch by micro-batch in turn -> rows."""
     model = sliced_model(args.layers, tokens, args.device)
     vocab = model.llm.config.vocab_size
     largest = max(args.batch_size, *(batch_size for _, batch_size, _ in LAYOUTS))
     samples = synthesise(largest * args.padding_steps, tokens, vocab, args.max_length)
     pads = padding(samples, args.world, args.batch_size, args.micro_batch, args.max_length, args.padding_steps)
     generator = torch.Generator().manual_seed(0)
-    batch = train.global_batches(len(samples), args.batch_size, seed=0, epochs=1)[0]
+    batches = train.global_batches(len(samples), args.batch_size, seed=0, epochs=1)[:args.steps]
     step_samples = list(samples)
-    for i in batch[::args.world]:  # rank 0's share
+    for i in (i for batch in batches for i in batch[::args.world]):  # rank 0's shares
         step_samples[i] = with_features(samples[i], model.config["grid"], CLIP_L_336["hidden_size"], generator)
-    timed = {mode: [on_device(b, args.device) for b in
+    timed = {mode: [on_device(b, args.device) for batch in batches for b in
                     micro_batches(mode, step_samples, batch, args.world, args.micro_batch, args.max_length)]
              for mode in TIMED}
     seconds, now = {mode: [math.inf] * len(timed[mode]) for mode in TIMED}, clock(args.device)
@@ -180,7 +180,7 @@ def measure(args, tokens, rounds):
     for mode in TIMED:
         real = sum(b["attention_mask"].sum().item() for b in timed[mode])
         rows.append(dict(tokens=tokens, mode=mode, padding_fraction=pads[mode.removesuffix("_mask")],
-                         real_tokens_per_s=real / sum(seconds[mode]), step_seconds=sum(seconds[mode]),
+                         real_tokens_per_s=real / sum(seconds[mode]), seconds=sum(seconds[mode]),
                          real_tokens=real, tokens_with_padding=sum(b["attention_mask"].numel() for b in timed[mode])))
     return rows, samples
 
@@ -193,25 +193,32 @@ def main():
     p.add_argument("--micro-batch", type=int, default=8, help="per device (train.py's default: 8)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2, help="decoder layers of Qwen1.5-0.5B's 24 (24: the real shape)")
+    p.add_argument("--steps", type=int, default=1, help="steps timed")
     p.add_argument("--padding-steps", type=int, default=100, help="global batches the padding is measured over")
     args = setup(p)
     rounds = args.rounds or 1
     info = machine(args)
     accumulation = args.batch_size // (args.world * args.micro_batch)
     print(f"Qwen1.5-0.5B slice: {args.layers} of 24 layers; global batch {args.batch_size} on {args.world} device(s), "
-          f"micro-batch {args.micro_batch} x {accumulation}; rank 0's step, best of {rounds} round(s)\n{info}")
-    rows, layouts = [], []
+          f"micro-batch {args.micro_batch} x {accumulation}; rank 0's first {args.steps} step(s), best of {rounds} "
+          f"round(s)\n{info}")
+    rows, layouts, mixes = [], [], []
     for tokens in args.tokens:
         start = time.time()
         measured, samples = measure(args, tokens, rounds)
         rows += measured
+        lengths = sorted(len(s["input_ids"]) for s in samples)
+        mixes.append(dict(tokens=tokens, mean=sum(lengths) / len(lengths), median=lengths[len(lengths) // 2],
+                          cut=sum(n == args.max_length for n in lengths) / len(lengths)))
+        print(f"V = {tokens}: samples of {mixes[-1]['mean']:.0f} tokens on average (median {mixes[-1]['median']}), "
+              f"{100 * mixes[-1]['cut']:.1f}% cut at --max-length")
         for world, batch_size, micro in LAYOUTS:
             pads = padding(samples, world, batch_size, micro, args.max_length, args.padding_steps)
             layouts.append(dict(tokens=tokens, world=world, batch_size=batch_size, micro_batch=micro, **pads))
         print(f"V = {tokens}: {time.time() - start:.0f} s")
-    print_table(["V", "mode", "padding", "real tokens/s", "step s", "real tokens", "with padding"],
+    print_table(["V", "mode", "padding", "real tokens/s", "timed s", "real tokens", "with padding"],
                 [[str(r["tokens"]), r["mode"], f"{100 * r['padding_fraction']:.1f}%", f"{r['real_tokens_per_s']:.0f}",
-                  f"{r['step_seconds']:.1f}", str(r["real_tokens"]), str(r["tokens_with_padding"])] for r in rows])
+                  f"{r['seconds']:.1f}", str(r["real_tokens"]), str(r["tokens_with_padding"])] for r in rows])
     ratios = []
     for tokens in args.tokens:
         speed = {r["mode"]: r["real_tokens_per_s"] for r in rows if r["tokens"] == tokens}
@@ -223,7 +230,8 @@ def main():
                   *(f"{100 * r[m]:.1f}%" for m in MODES)] for r in layouts])
     write_json(args.out, dict(benchmark="packing", machine=info, layers=args.layers, world=args.world,
                               batch_size=args.batch_size, micro_batch=args.micro_batch, max_length=args.max_length,
-                              rounds=rounds, rows=rows, ratios=ratios, layouts=layouts))
+                              steps=args.steps, rounds=rounds, mixes=mixes, rows=rows, ratios=ratios,
+                              layouts=layouts))
 
 
 if __name__ == "__main__":
