@@ -30,7 +30,7 @@ import constants
 import conversation
 import distributed
 import llava_data
-import quecc
+import compressors
 import runs
 import vlm
 
@@ -43,7 +43,7 @@ def parse_args(stage):
     p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
     p.add_argument("--vision", default=VISION, help="hub name, directory, or toy")
     p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
-    p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
+    p.add_argument("--compressor", default="quecc", choices=list(compressors.COMPRESSORS))
     p.add_argument("--data", default=stage["data"], help="LLaVA-format JSON or JSONL")
     p.add_argument("--image-folder", default=stage["image_folder"])
     p.add_argument("--output-dir", help=f"default runs/LLM-COMPRESSOR-vTOKENS/{stage['output']} (LLM: the last part of --llm)")
@@ -310,11 +310,15 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     return len(samples)
 
 
+def reads_question(args):
+    return compressors.COMPRESSORS[args.compressor].needs_question
+
+
 def conv_template(args, tokenizer):
     """--conv-template resolved (conversation.choose_template): QueCC is the compressor that reads
     the question, so stage 1 of any other is text-free."""
     return conversation.choose_template(args.conv_template, tokenizer,
-                                        text_free_stage1=not args.train_llm and args.compressor != "quecc")
+                                        text_free_stage1=not args.train_llm and not reads_question(args))
 
 
 def show_samples(args):
@@ -338,7 +342,7 @@ def show_samples(args):
                        for key, group in itertools.groupby(ids, lambda i: i != constants.IMAGE_SLOT))
         targets = [decode([ids[i] for i, _ in group]) for labelled, group in
                    itertools.groupby(enumerate(labels), lambda pair: pair[1] != constants.IGNORE) if labelled]
-        query = decode(sample["query_ids"]) if args.compressor == "quecc" else None
+        query = decode(sample["query_ids"]) if reads_question(args) else None
         print(json.dumps(dict(id=record.get("id"), text=text, targets=targets, query=query)))
 
 
@@ -387,7 +391,7 @@ def main(stage):
     with vlm.loading("vision tower", args.vision):
         grid = vlm.vision_grid(args.vision)  # its config alone
     try:  # a token count the compressor cannot make, refused before the models load
-        quecc.check_token_count(args.tokens, grid, args.compressor)
+        compressors.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if runs.prepare_output_dir(args, rank):

@@ -1,4 +1,4 @@
-"""Model assembly: a frozen CLIP vision tower, the projector (quecc.py) and a causal LLM.
+"""Model assembly: a frozen CLIP vision tower, the projector (compressors.py) and a causal LLM.
 
 The token sequence carries IMAGE_SLOT ids where visual tokens go; a hook on
 the LLM's token embedding swaps in the projector's output at exactly those
@@ -21,7 +21,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPI
 
 import toy
 from constants import IGNORE, IMAGE_SLOT
-from quecc import Projector, key_layers
+from compressors import Projector
+from quecc import key_layers
 
 # VLM.forward asks for hidden states; under FSDP the first (the embedding output) comes back as a
 # view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
