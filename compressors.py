@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quecc import ATTENTION_HEADS, Compressor, QueCC, RegionAttention, Standardize, from_grid, split_regions, to_grid
+try:  # in a model folder (modeling_vlm.py explains)
+    from .quecc import ATTENTION_HEADS, Compressor, QueCC, RegionAttention, Standardize, from_grid, split_regions, to_grid
+except ImportError:
+    from quecc import ATTENTION_HEADS, Compressor, QueCC, RegionAttention, Standardize, from_grid, split_regions, to_grid
 
 PIXEL_SHUFFLE_MAX_WIDENING = 64  # r^2: the projection reads r^2 x the vision width; beyond 64x (r > 8) refused
 
@@ -114,6 +117,7 @@ class Resampler(Compressor):
 
     def __init__(self, tokens, grid, vision_width, llm_width, num_key_layers):
         super().__init__(vision_width)
+        self.grid = grid
         self.latents = nn.Parameter(nn.init.trunc_normal_(torch.empty(tokens, vision_width), std=0.02))
         self.latent_norm = nn.LayerNorm(vision_width, eps=1e-6)
         self.patch_norm = nn.LayerNorm(vision_width, eps=1e-6)

@@ -23,8 +23,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
-from llava_data import ROLES, BadSample, record_name
+try:  # in a model folder, for the processor (modeling_vlm.py explains)
+    from .constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+    from .llava_data import ROLES, BadSample, record_name
+except ImportError:
+    from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+    from llava_data import ROLES, BadSample, record_name
 TEMPLATES = ("chat", "vicuna_v1", "plain")
 # LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md): "user", where the older
 # conv_llava_v1, which LLaVA-1.5 does not use, says "human"

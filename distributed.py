@@ -67,6 +67,15 @@ def from_rank0(value):
     return value
 
 
+def all_gather_lists(items):
+    """The lists of all ranks, concatenated in rank order (a collective: every rank calls it)."""
+    if not dist.is_initialized():
+        return list(items)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, items)
+    return [item for share in shares for item in share]
+
+
 def end_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

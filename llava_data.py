@@ -16,7 +16,10 @@ import re
 import numpy as np
 from PIL import Image
 
-from constants import IMAGE_TOKEN
+try:  # in a model folder, for the processor (modeling_vlm.py explains)
+    from .constants import IMAGE_TOKEN
+except ImportError:
+    from constants import IMAGE_TOKEN
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 

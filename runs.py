@@ -45,7 +45,8 @@ def lock_directory(directory):
 # What a resume may change: how the run is carried out, not what it computes (the loss does
 # not depend on how a global batch is split; docs/training.md).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
+                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples", "eval_every",
+                        "eval_bench", "eval_limit", "eval_data_root", "eval_max_new_tokens"}
 
 
 def run_settings(args):
@@ -189,11 +190,11 @@ def read_answered(folder):
 
 
 def model_fingerprint(directory):
-    """sha1 of the files that make the model: its config, projector and, when trained, LLM
-    weights (a 7B LLM takes ~10 s to read). Every answer carries it."""
+    """sha1 of the files that make the model's answers: its config, generation settings and weights
+    (stage 1's projector; a model folder's, a 7B LLM's taking ~10 s to read). Every answer carries it."""
     digest = hashlib.sha1()
-    files = [vlm.CONFIG_FILE, vlm.PROJECTOR_FILE] + sorted(
-        os.path.relpath(f, directory) for f in glob.glob(os.path.join(directory, "llm", "*.safetensors")))
+    files = [vlm.CONFIG_FILE] + [name for name in [vlm.GENERATION_CONFIG_FILE] if os.path.exists(os.path.join(
+        directory, name))] + sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))
     for name in files:
         digest.update(name.encode())
         with open(os.path.join(directory, name), "rb") as f:
@@ -271,10 +272,12 @@ def merge_answers(folder, questions):
 
 
 def write_results(output_dir, rows):
-    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone."""
+    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone. -> its rows."""
     path = os.path.join(output_dir, "results.jsonl")
     old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     redone = {r["benchmark"] for r in rows}
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
+        kept = [r for r in old if r["benchmark"] not in redone] + rows
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)  # a kill never leaves half a results file
+    return kept

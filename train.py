@@ -29,6 +29,7 @@ from tqdm import tqdm
 import constants
 import conversation
 import distributed
+import evaluation
 import llava_data
 import compressors
 import runs
@@ -90,6 +91,13 @@ def parse_args(stage):
                         "micro-batch's mean, averaged (HF Trainer, as in the paper's runs)")
     p.add_argument("--show-samples", type=int, default=0, metavar="N", help="print the first N training records "
                    "as the model sees them (JSON lines: id, text, targets, query) and exit without training")
+    # evaluation while training (evaluation.live_scores): 03_evaluate.py's answers of the live model
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="score the model on --eval-bench every N "
+                   "steps, into log.jsonl (0 = never)")
+    p.add_argument("--eval-bench", metavar="NAMES", help="comma-separated benchmarks, read as 03_evaluate.py reads them")
+    p.add_argument("--eval-limit", type=int, default=0, metavar="K", help="the first K questions of each (0 = all)")
+    p.add_argument("--eval-data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
+    p.add_argument("--eval-max-new-tokens", type=int, default=128)
     args = p.parse_args()
     check_values(p, args)
     if args.qlora and not args.lora:
@@ -106,8 +114,9 @@ def parse_args(stage):
 
 def check_values(p, args):
     """Refuse a value that would train nonsense, in one line, before any model is built."""
-    positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr"]
-    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora", "show_samples"]
+    positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr", "eval_max_new_tokens"]
+    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora", "show_samples",
+                    "eval_every", "eval_limit"]
     for name in positive + non_negative:
         value = getattr(args, name)
         if value < 0 or (value == 0 and name in positive):
@@ -118,6 +127,8 @@ def check_values(p, args):
         p.error(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
+    if bool(args.eval_every) != bool(args.eval_bench):
+        p.error("--eval-every N and --eval-bench NAMES go together")
 
 
 def check_output_dir(p, args):
@@ -143,7 +154,7 @@ def fill_defaults(args, stage):
             raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (docs/data.md)")
     if args.train_llm and args.projector is None and not args.show_samples:  # rendering needs no projector
         stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
-        if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
+        if not any(os.path.exists(os.path.join(stage1, name)) for name in (vlm.CONFIG_FILE, vlm.LEGACY_CONFIG_FILE)):
             command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
             command += ["--vision", args.vision] if args.vision != VISION else []
             command += ["--compressor", args.compressor] if args.compressor != "quecc" else []
@@ -388,6 +399,8 @@ def main(stage):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
                          f"x --micro-batch-size {args.micro_batch_size}")
 
+    benches = {name: evaluation.read_benchmark(args.eval_data_root, name)[:args.eval_limit or None]
+               for name in args.eval_bench.split(",")} if args.eval_bench else {}
     with vlm.loading("vision tower", args.vision):
         grid = vlm.vision_grid(args.vision)  # its config alone
     try:  # a token count the compressor cannot make, refused before the models load
@@ -404,8 +417,9 @@ def main(stage):
         template = conv_template(args, tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    # saved with the model (vlm_config.json): 03_evaluate renders and preprocesses as trained
-    model.config.update(conv_template=template, image_aspect=args.image_aspect, loss_norm=args.loss_norm)
+    # saved with the model (config.json): 03_evaluate renders and preprocesses as trained
+    model.config.update(dict(conv_template=template, image_aspect=args.image_aspect, loss_norm=args.loss_norm,
+                             image_first=not args.image_after_question))
     say(f"conversation template {template}, images {args.image_aspect}")
     if world > 1:
         if args.lora or args.qlora:
@@ -446,6 +460,7 @@ def main(stage):
         epochs = math.ceil(args.max_steps / len(batches) * args.epochs)
         batches = global_batches(len(dataset), args.batch_size, args.seed, epochs)[:args.max_steps]
     total_steps = len(batches)
+    model.config.steps = total_steps  # for the model card
     warmup = math.ceil(args.warmup_ratio * total_steps)
     lengths = [approximate_length(r, args.tokens) for r in records] if args.group_by_length else None
 
@@ -529,6 +544,11 @@ def main(stage):
         if peak:
             per_token = training_flops_per_token(model.llm, args.train_llm, tokens_all / samples_all)
             entry["mfu"] = per_token * tokens_all / elapsed / (peak * world)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            model.eval()
+            entry["eval"] = evaluation.live_scores(model, tokenizer, image_processor, benches, args.eval_data_root,
+                                                   args.eval_max_new_tokens, rank, world, device)
+            model.train()
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -577,8 +597,7 @@ def clip_gradients(groups, max_norm):
 
 def save_final(model, tokenizer, args, rank):
     """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
-    extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question,
-                 settings=runs.run_settings(args))
+    extra = dict(stage=2 if args.train_llm else 1, settings=runs.run_settings(args))
     if not args.train_llm:
         if rank == 0:
             vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)

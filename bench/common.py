@@ -128,9 +128,9 @@ def swap_projector(model, compressor, tokens):
     memory for every compressor."""
     c = model.config
     old = next(model.projector.parameters())
-    model.projector = Projector(compressor, tokens, c["grid"], c["vision_width"], c["llm_width"],
-                                len(c["key_layers"])).to(device=old.device, dtype=old.dtype).eval()
-    model.config = dict(c, tokens=tokens, compressor=compressor)
+    model.projector = Projector(compressor, tokens, c.grid, c.vision_width, c.llm_width,
+                                len(c.key_layers)).to(device=old.device, dtype=old.dtype).eval()
+    c.update(dict(tokens=tokens, compressor=compressor))
     return model
 
 

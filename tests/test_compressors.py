@@ -187,6 +187,6 @@ def test_a_saved_projector_of_a_new_compressor_loads_as_it_was(tmp_path, compres
             parameter.add_(torch.randn_like(parameter))
     vlm.save(model, tokenizer, tmp_path, save_llm=False)
     loaded, _, _ = vlm.load_pretrained(tmp_path)
-    patches = torch.randn(2, GRID * GRID, model.config["vision_width"])
-    assert loaded.config["compressor"] == compressor
+    patches = torch.randn(2, GRID * GRID, model.config.vision_width)
+    assert loaded.config.compressor == compressor
     assert torch.equal(loaded.projector(patches), model.projector(patches))

@@ -106,7 +106,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(layout):
     assert message.startswith("error: cannot load the vision tower openai/clip-vit-large-patch14-336: ")
     message = one_line_error(run_script("03_evaluate.py", "--model", "runs/nothing", "--bench", "toy_reasoning",
                                         cwd=layout, check=False))
-    assert message.startswith("error: cannot load the model runs/nothing: no vlm_config.json")
+    assert message.startswith("error: cannot load the model runs/nothing: no config.json")
 
 
 def test_the_papers_grid_runs_as_printed(layout, monkeypatch):
@@ -136,7 +136,7 @@ def test_the_papers_grid_runs_as_printed(layout, monkeypatch):
         assert os.path.exists(args.data) and os.path.isdir(args.image_folder)
         if script == "01_pretrain_projector.py":
             assert args.micro_batch_size == 32 and args.batch_size == 256
-            (Path(args.output_dir) / "vlm_config.json").write_text("{}")  # as if stage 1 had run
+            (Path(args.output_dir) / "config.json").write_text("{}")  # as if stage 1 had run
         else:
             assert args.micro_batch_size == 16 and args.batch_size == 256
             assert args.projector == os.path.join(os.path.dirname(args.output_dir), "stage1")

@@ -122,6 +122,10 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     # four steps of training leave every accuracy at the answer prior: the summary says why there is no fit
     assert any(why in summary for why in ("every cell has error", "every question type at or below twice")) or \
         (out / "fit_quecc_reasoning.json").exists()
+    # stage 2 scored the reasoning questions as it trained (4 steps, 8 points wanted: at every step)
+    log = [json.loads(line) for line in open(out / "runs" / "quecc-toy-s-v4-s1" / "stage2" / "log.jsonl")]
+    assert [entry["eval"]["toy_reasoning"]["metric"] for entry in log] == ["accuracy"] * 4
+    assert "## When each question type was learned" in summary and (out / "learning_curves.png").exists()
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {f"quecc-{size}-v{v}-s{seed}" for size in ("toy-xs", "toy-s") for v in (1, 4) for seed in (1, 2)} | {"total"}
     assert "Toy-world scaling study" in first.stdout
@@ -135,7 +139,7 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
             assert resumed[name] == timings[name] > 0
 
     # a kill during stage 2's final save left its LLM but not the file written last: redone
-    (out / "runs" / "quecc-toy-xs-v1-s2" / "stage2" / "vlm_config.json").unlink()
+    (out / "runs" / "quecc-toy-xs-v1-s2" / "stage2" / "config.json").unlink()
     run_script(*args)
     redone = (out / "runs" / "quecc-toy-xs-v1-s2" / "log.txt").read_text()
     assert redone.count("02_finetune.py") == 2 and redone.count("03_evaluate.py") == 2  # new model, new answers
@@ -221,6 +225,22 @@ def score_rows(reasoning, ocr, spread, seeds=(1, 2), compressor="quecc"):
 
 
 BASELINES = {"reasoning": {"colour": 1 / 6, "exists": 0.5}, "ocr": {"ocr": 1 / 12}}
+
+
+def test_learning_curves_name_the_step_each_type_passed_its_bar(tmp_path):
+    """colour (baseline 20%, bar 40%) passes on the seeds' mean at step 20 (30%, then 45%; one seed alone
+    passed at 10); shape (baseline 25%, bar 50%) never does."""
+    accuracies = {1: {10: dict(colour=10, shape=30), 20: dict(colour=50, shape=30)},
+                  2: {10: dict(colour=50, shape=20), 20: dict(colour=40, shape=40)}}
+    grid = [("quecc", "toy-s", 1, seed) for seed in (1, 2)]
+    for point in grid:
+        stage2 = demo.run_dirs(tmp_path, *point)[2]
+        os.makedirs(stage2)
+        with open(os.path.join(stage2, "log.jsonl"), "w") as f:
+            for step, per_category in accuracies[point[3]].items():
+                f.write(json.dumps(dict(step=step, loss=1.0, eval=dict(toy_reasoning=dict(per_category=per_category)))) + "\n")
+    lines = demo.learning_curves(tmp_path, grid, dict(reasoning=dict(colour=0.2, shape=0.25)))
+    assert "| quecc-toy-s-v1 | 20 | - |" in lines and (tmp_path / "learning_curves.png").exists()
 
 
 def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):

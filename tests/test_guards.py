@@ -199,23 +199,24 @@ def test_a_kill_during_the_final_save_leaves_no_output_that_looks_complete(tmp_p
     monkeypatch.setattr(tokenizer, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         vlm.save(model, tokenizer, tmp_path, save_llm=True)
-    assert not (tmp_path / "llm").exists() and not (tmp_path / vlm.CONFIG_FILE).exists()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / vlm.CONFIG_FILE).exists()
     monkeypatch.undo()
     vlm.save(model, tokenizer, tmp_path, save_llm=True)  # a rerun completes it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm", "projector.safetensors", "vlm_config.json"]
+    assert (tmp_path / vlm.CONFIG_FILE).exists() and not (tmp_path / ".saving").exists()
+    assert vlm.load_pretrained(tmp_path)[0].config.tokens == 4
 
 
 def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
     model, tokenizer, _ = vlm.build("toy-s", "toy", 4, "quecc")
     vlm.save(model, tokenizer, tmp_path, save_llm=False)
     other, _, _ = vlm.build("toy-s", "toy", 4, "quecc")
-    other.config["llm"] = "Qwen/Qwen1.5-0.5B-Chat"
+    other.config.llm = "Qwen/Qwen1.5-0.5B-Chat"
     with pytest.raises(ValueError, match="trained for --llm toy-s, this run has --llm Qwen/Qwen1.5-0.5B-Chat"):
         vlm.load_projector(other, tmp_path)
-    other.config = dict(model.config, vision="/models/clip-vit-base-patch16")
+    other.config.update(dict(llm=model.config.llm, vision="/models/clip-vit-base-patch16"))
     with pytest.raises(ValueError, match="--vision toy"):
         vlm.load_projector(other, tmp_path)
-    other.config = dict(model.config, llm="/downloads/toy-s")  # the same model, downloaded: accepted
+    other.config.update(dict(llm="/downloads/toy-s", vision=model.config.vision))  # the same model, downloaded: accepted
     vlm.load_projector(other, tmp_path)
 
 

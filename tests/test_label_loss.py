@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import constants  # noqa: E402
 import conversation  # noqa: E402
+import modeling_vlm  # noqa: E402
 import vlm  # noqa: E402
 from bench_train_step import all_positions_loss  # noqa: E402
 
@@ -64,10 +65,10 @@ def build(lora=False, compressor="quecc", tokens=4):
     return model.double().eval(), tokenizer, processor  # eval: no dropout, both passes see the same model
 
 
-@pytest.mark.parametrize("chunk, lora", [(vlm.LOGITS_PER_CHUNK, False), (SEVERAL_CHUNKS, False),
+@pytest.mark.parametrize("chunk, lora", [(modeling_vlm.LOGITS_PER_CHUNK, False), (SEVERAL_CHUNKS, False),
                                          (SEVERAL_CHUNKS, True)], ids=["one-chunk", "several-chunks", "lora"])
 def test_label_only_loss_and_gradients_equal_full_logits(toy_data, monkeypatch, chunk, lora):
-    monkeypatch.setattr(vlm, "LOGITS_PER_CHUNK", chunk)
+    monkeypatch.setattr(modeling_vlm, "LOGITS_PER_CHUNK", chunk)
     model, tokenizer, processor = build(lora)
     batch = mixed_batch(toy_data, tokenizer, processor, "mixed")
     loss, grads = relative_differences(model, batch)
@@ -79,7 +80,7 @@ def test_label_only_loss_and_gradients_equal_full_logits(toy_data, monkeypatch, 
 
 
 def test_the_head_runs_on_label_rows_only_a_chunk_at_a_time(toy_data, monkeypatch):
-    monkeypatch.setattr(vlm, "LOGITS_PER_CHUNK", SEVERAL_CHUNKS)
+    monkeypatch.setattr(modeling_vlm, "LOGITS_PER_CHUNK", SEVERAL_CHUNKS)
     model, tokenizer, processor = build()
     batch = mixed_batch(toy_data, tokenizer, processor, "mixed")
     rows = []
@@ -126,7 +127,7 @@ def fsdp_worker(toy_data, out):
     from pathlib import Path
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    vlm.LOGITS_PER_CHUNK = SEVERAL_CHUNKS
+    modeling_vlm.LOGITS_PER_CHUNK = SEVERAL_CHUNKS
     differences = {}
     for compressor in FSDP_COMPRESSORS:
         model, tokenizer, processor = build(compressor=compressor, tokens=FSDP_TOKENS)

@@ -56,7 +56,7 @@ def test_two_process_fsdp_shards_and_matches_one_process(toy_data, llm, tmp_path
     assert len(got) == STEPS
     for a, b in zip(got, reference):
         assert abs(a - b) <= 1e-4 * abs(b)
-    assert (out / "llm" / "model.safetensors").exists()  # consolidated at the end
+    assert (out / "model.safetensors").exists()  # consolidated at the end
     # the shards each rank wrote: fp32 weights and optimizer states, over the bf16 checkpoint
     dtypes = checkpoint_dtypes(out / "checkpoints" / "step-0000004")
     assert any("layers.0.mlp" in name and "exp_avg" in name for name in dtypes)
@@ -92,7 +92,7 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, llm, tmp_path, refer
 def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, llm, tmp_path, reference):
     args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
     run_script(*args)
-    (tmp_path / "vlm_config.json").unlink()  # as if killed after its last checkpoint: not finished
+    (tmp_path / "config.json").unlink()  # as if killed after its last checkpoint: not finished
     newest = tmp_path / "checkpoints" / "step-0000004"
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     os.truncate(shard, shard.stat().st_size // 3)

@@ -53,6 +53,8 @@ FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes and stage-2 learning rate of the toy runs (the rate up to width 128, see stage2_lr).
 # (Batches of 4 at 1e-3 learn more per sample, but 800 such steps took 22.5 min for less.)
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 1.5e-3
+# Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
+CURVE_POINTS, CURVE_QUESTIONS = 8, 200
 
 # The paper's scaling grid (section 3.2): Qwen1.5 chat LLMs x V, LLaVA-1.5 data, both suites, TokenPacker
 # compression, stage-2 batch doubled to 256; the fit on the nominal sizes (the release's values.py).
@@ -236,7 +238,7 @@ def train_and_evaluate(args, compressor, size, tokens, seed, out, bar, stage1_on
             with open(seconds_file, "w") as f:
                 json.dump(seconds, f, indent=2)
 
-    step(os.path.join(stage1, "vlm_config.json"),  # written last: the output is complete
+    step(os.path.join(stage1, vlm.CONFIG_FILE),  # written last: the output is complete
          "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
          "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
          "--max-steps", str(args.stage1_steps), "--standardize-features",
@@ -245,12 +247,16 @@ def train_and_evaluate(args, compressor, size, tokens, seed, out, bar, stage1_on
     if stage1_only:
         return
     bar.update()
-    step(os.path.join(stage2, "vlm_config.json"),
+    step(os.path.join(stage2, vlm.CONFIG_FILE),
          "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
          "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
          "--max-steps", str(args.stage2_steps),
          "--batch-size", str(STAGE2_BATCH), "--micro-batch-size", str(STAGE2_BATCH),
-         "--lr", str(stage2_lr(size)), threads=threads)
+         "--lr", str(stage2_lr(size)),
+         # the learning curves (learning_curves): reasoning questions scored as the run trains
+         "--eval-every", str(max(1, args.stage2_steps // CURVE_POINTS)), "--eval-bench", SPLITS["reasoning"],
+         "--eval-limit", str(CURVE_QUESTIONS), "--eval-data-root", os.path.join(data, "eval"),
+         "--eval-max-new-tokens", "4", threads=threads)
     bar.update()
     step(os.path.join(evaluation, "results.jsonl"),
          "03_evaluate.py", "--model", stage2, "--bench", ",".join(SPLITS.values()),
@@ -363,9 +369,49 @@ def spread_text(values, scale=1):
     return f"{mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped):
-    """summary.md: the accuracy table, the fits per compressor, and what they say about the paper's
-    findings. skipped: {compressor: the V of the grid it cannot make}."""
+def learning_curves(out, grid, baselines):
+    """learning_curves.png, a panel per cell (LLM size and V): each reasoning question type's accuracy
+    over stage 2's steps, the mean over the seeds (02_finetune.py --eval-every, in its log.jsonl). -> the
+    summary's lines: the plot, and per cell the step at which each type first passed its learned bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = defaultdict(lambda: defaultdict(list))  # cell -> (type, step) -> the seeds' accuracies
+    for compressor, size, tokens, seed in grid:
+        stage2 = run_dirs(out, compressor, size, tokens, seed)[2]
+        for entry in map(json.loads, open(os.path.join(stage2, "log.jsonl"))):
+            for category, accuracy in entry.get("eval", {}).get(SPLITS["reasoning"], {}).get("per_category", {}).items():
+                curves[f"{compressor}-{size}-v{tokens}"][category, entry["step"]].append(accuracy)
+    if not curves:  # runs trained before the demo scored them as they trained
+        return []
+    categories = sorted(baselines["reasoning"])
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), layout="constrained", squeeze=False)
+    lines = ["## When each question type was learned", "",
+             f"Stage 2's first step at which a type's accuracy (the mean over the seeds, on the first {CURVE_QUESTIONS} "
+             "held-out reasoning questions) passed its learned bar (twice the majority-answer baseline, or halfway "
+             "to 100%); - where it never did.", "", "![accuracy per question type over stage 2's steps]"
+             "(learning_curves.png)", "", "| run | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for ax, (cell, accuracies) in zip(axes[0], curves.items()):
+        learned = []
+        for category in categories:
+            steps = sorted(step for c, step in accuracies if c == category)
+            means = [mean(accuracies[category, step]) for step in steps]
+            ax.plot(steps, means, marker=".", label=category)
+            learned.append(next((str(step) for step, m in zip(steps, means)
+                                 if m > 100 * learned_bar(baselines["reasoning"][category])), "-"))
+        ax.set(title=cell, xlabel="stage-2 step", ylim=(0, 100))
+        lines.append(f"| {cell} | " + " | ".join(learned) + " |")
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.savefig(os.path.join(out, "learning_curves.png"), dpi=100)
+    plt.close(fig)
+    return lines + [""]
+
+
+def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=()):
+    """summary.md: the accuracy table, the fits per compressor, when each question type was learned
+    (curves: learning_curves' lines) and what they say about the paper's findings. skipped:
+    {compressor: the V of the grid it cannot make}."""
     pct = (lambda x: f"{100 * x:.1f}")
     categories = sorted(baselines["reasoning"])
     seeds = sorted({r["seed"] for r in rows})
@@ -412,6 +458,7 @@ def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped):
         lines += ["![mean accuracy against V, per compressor and LLM size](accuracy_vs_tokens.png)", ""]
     if fits:
         lines += fit_section(rows, fits, args)
+    lines += curves
     paragraphs = [findings([r for r in rows if r["compressor"] == compressor], fits.get(compressor, {}), noisy, baselines)
                   for compressor in args.compressors]
     if several:
@@ -635,7 +682,7 @@ def main():
     timings["total"] = round(seconds, 1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
-    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped)
+    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, learning_curves(out, grid, baselines))
     print(open(os.path.join(out, "summary.md")).read())
     print(f"outputs in {out}")
 
