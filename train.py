@@ -544,10 +544,11 @@ def main(stage):
         if peak:
             per_token = training_flops_per_token(model.llm, args.train_llm, tokens_all / samples_all)
             entry["mfu"] = per_token * tokens_all / elapsed / (peak * world)
-        if args.eval_every and (step + 1) % args.eval_every == 0:
+        if args.eval_every and (step + 1) % args.eval_every == 0:  # computing as it trains (bf16 on a GPU)
             model.eval()
-            entry["eval"] = evaluation.live_scores(model, tokenizer, image_processor, benches, args.eval_data_root,
-                                                   args.eval_max_new_tokens, rank, world, device)
+            with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+                entry["eval"] = evaluation.live_scores(model, tokenizer, image_processor, benches,
+                                                       args.eval_data_root, args.eval_max_new_tokens, rank, world, device)
             model.train()
         if rank == 0:
             with open(log_path, "a") as f:
