@@ -29,7 +29,7 @@ from quecc import key_layers
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP (--mm_vision_select_layer; docs/sources.md)
-CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
+CONFIG_FILE, PROJECTOR_FILE, LLM_DIR = "vlm_config.json", "projector.safetensors", "llm"
 
 
 def load_tokenizer(name):
@@ -232,7 +232,7 @@ def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
     """A VLM around models already built (the benches build theirs from configs alone)."""
     vcfg = vision.config
     grid = vcfg.image_size // vcfg.patch_size
-    config = dict(llm=llm_name, vision=vision_name, tokens=tokens, compressor=compressor, grid=grid,
+    config = dict(llm=loadable(llm_name), vision=loadable(vision_name), tokens=tokens, compressor=compressor, grid=grid,
                   select_layer=SELECT_LAYER, key_layers=key_layers(vcfg.num_hidden_layers),
                   vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size)
     projector = Projector(compressor, tokens, grid, vcfg.hidden_size, llm.config.hidden_size,
@@ -240,9 +240,22 @@ def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
     return VLM(llm, vision, projector, config)
 
 
+def loadable(name):
+    """A model's name as it loads from any working directory: a local path made absolute (as typed,
+    a relative one breaks elsewhere), a hub name or toy preset as it is."""
+    return name if toy.is_toy(name) or not os.path.exists(name) else os.path.abspath(name)
+
+
 def model_name(name):
-    """The last path component: a hub name and its downloaded directory name one model."""
-    return os.path.basename(os.path.normpath(name))
+    """What names one model across machines: the last path component, so a hub name and its
+    downloaded directory are one model; but the whole path for an output's LLM_DIR, which every
+    stage-2 output has."""
+    name = os.path.normpath(name)
+    return os.path.abspath(name) if os.path.basename(name) == LLM_DIR else os.path.basename(name)
+
+
+class ProjectorMismatch(ValueError):
+    """A projector built for another model; the message names its directory."""
 
 
 def load_projector(model, directory):
@@ -252,10 +265,10 @@ def load_projector(model, directory):
     for key in ("tokens", "compressor", "grid", "vision_width", "llm_width", "llm", "vision"):
         ours, theirs = model.config[key], saved[key]
         if key in ("llm", "vision") and model_name(ours) != model_name(theirs):
-            raise ValueError(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
         if key not in ("llm", "vision") and ours != theirs:
-            raise ValueError(f"{directory}: projector was trained with {key}={theirs}, "
-                             f"this run has {key}={ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained with {key}={theirs}, "
+                                    f"this run has {key}={ours}")
     model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
 
 
@@ -289,14 +302,14 @@ def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=Non
     if save_llm:
         dtype = config.setdefault("llm_dtype", "float32")
         state = model.llm.state_dict() if llm_state is None else llm_state
-        model.llm.save_pretrained(os.path.join(staging, "llm"), state_dict=cast_state(state, getattr(torch, dtype)))
-        llm_config = os.path.join(staging, "llm", "config.json")  # it records the live model's fp32
+        model.llm.save_pretrained(os.path.join(staging, LLM_DIR), state_dict=cast_state(state, getattr(torch, dtype)))
+        llm_config = os.path.join(staging, LLM_DIR, "config.json")  # it records the live model's fp32
         with open(llm_config) as f:
             saved = json.load(f)
         with open(llm_config, "w") as f:
             json.dump(dict(saved, dtype=dtype), f, indent=2)
-        config["llm_dir"] = "llm"
-    tokenizer.save_pretrained(os.path.join(staging, "llm" if save_llm else "tokenizer"))
+        config["llm_dir"] = LLM_DIR
+    tokenizer.save_pretrained(os.path.join(staging, LLM_DIR if save_llm else "tokenizer"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
     save_file(state, os.path.join(staging, PROJECTOR_FILE))
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
