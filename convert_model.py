@@ -33,9 +33,8 @@ def main():
         model, tokenizer, _ = vlm.build(os.path.join(args.directory, llm_dir), saved["vision"], saved["tokens"],
                                         saved["compressor"])
         model.projector.load_state_dict(load_file(os.path.join(args.directory, vlm.PROJECTOR_FILE)))
-        vlm.save(model, tokenizer, args.directory, save_llm=True, extra_config=saved)
+        vlm.save(model, tokenizer, args.directory, save_llm=True, extra_config=saved)  # replaces projector.safetensors
         shutil.rmtree(os.path.join(args.directory, llm_dir))
-        os.remove(os.path.join(args.directory, vlm.PROJECTOR_FILE))
     os.remove(legacy)
     print(f"converted {args.directory}")
 

@@ -67,13 +67,13 @@ def from_rank0(value):
     return value
 
 
-def all_gather_lists(items):
-    """The lists of all ranks, concatenated in rank order (a collective: every rank calls it)."""
+def all_ranks(value):
+    """[each rank's value], in rank order (a collective: every rank calls it)."""
     if not dist.is_initialized():
-        return list(items)
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, items)
-    return [item for share in shares for item in share]
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def end_distributed():

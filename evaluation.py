@@ -111,5 +111,5 @@ def live_scores(model, tokenizer, image_processor, benches, data_root, max_new_t
             if k < len(batches):
                 rows += [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text)
                          for i, s, text in zip(indices, samples, texts)]
-        scores[bench] = headline(benchmarks.score(bench, questions, distributed.all_gather_lists(rows)))
+        scores[bench] = headline(benchmarks.score(bench, questions, [row for share in distributed.all_ranks(rows) for row in share]))
     return scores

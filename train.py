@@ -9,6 +9,7 @@ tower and the small projector are replicated. What the run keeps on disk to be
 killed and resumed is runs.py; the data file's reading and checks, llava_data.py.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -79,7 +80,7 @@ def parse_args(stage):
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (toy/features.py)")
-    # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in vlm_config.json
+    # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in config.json
     p.add_argument("--conv-template", default="auto", choices=("auto",) + conversation.TEMPLATES,
                    help="auto: stage 1 of tokenpacker/pool/mlp uses LLaVA's plain (image, caption); otherwise the "
                         "LLM's chat template, or LLaVA's vicuna_v1 when it has none (Vicuna-1.5)")
@@ -136,6 +137,16 @@ def check_output_dir(p, args):
         return  # writes nothing
     if os.path.isfile(args.output_dir):
         p.error(f"--output-dir {args.output_dir} is a file")
+    # an output directory that is or holds what the run reads: --overwrite would delete a stage-1
+    # projector, a run would write into its own inputs (a toy preset or hub name is no path)
+    output = os.path.realpath(args.output_dir)
+    local_model = (lambda name: name if os.path.isabs(vlm.loadable(name)) else None)
+    inputs = {"--projector": args.projector, "--data": args.data, "--image-folder": args.image_folder,
+              "--llm": local_model(args.llm), "--vision": local_model(args.vision)}
+    for flag, path in inputs.items():
+        if path and os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
+            p.error(f"--output-dir {args.output_dir} {'is' if os.path.realpath(path) == output else 'holds'} "
+                    f"the {flag} {path} this run reads; write the run to another directory")
     try:  # made now, not after an hour of loading and validating
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -154,7 +165,8 @@ def fill_defaults(args, stage):
             raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (docs/data.md)")
     if args.train_llm and args.projector is None and not args.show_samples:  # rendering needs no projector
         stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
-        if not any(os.path.exists(os.path.join(stage1, name)) for name in (vlm.CONFIG_FILE, vlm.LEGACY_CONFIG_FILE)):
+        vlm.refuse_earlier_layout(stage1)
+        if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
             command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
             command += ["--vision", args.vision] if args.vision != VISION else []
             command += ["--compressor", args.compressor] if args.compressor != "quecc" else []
@@ -164,6 +176,10 @@ def fill_defaults(args, stage):
         args.projector = stage1
     if args.projector == "none":
         args.projector = None
+    if args.projector and not os.path.exists(os.path.join(args.projector, vlm.CONFIG_FILE)):
+        vlm.refuse_earlier_layout(args.projector)
+        raise SystemExit(f"error: --projector {args.projector} holds no stage-1 output (no {vlm.CONFIG_FILE}); "
+                         "give the output directory of 01_pretrain_projector.py, or --projector none")
 
 
 # ---------------------------------------------------------------- FSDP
@@ -332,20 +348,27 @@ def conv_template(args, tokenizer):
                                         text_free_stage1=not args.train_llm and not reads_question(args))
 
 
+def sample_tokenizer(args, tokenizer):
+    """conversation.tokenize with this run's settings, turns -> sample: what training makes of each
+    record, run on every record before training (llava_data.check_record) and by
+    data_prep/check_llava_data.py --llm."""
+    return functools.partial(conversation.tokenize, tokenizer, num_visual_tokens=args.tokens, max_length=args.max_length,
+                             image_first=not args.image_after_question, template=conv_template(args, tokenizer))
+
+
 def show_samples(args):
     """--show-samples N: the first N records as the model sees them, one JSON object a line: the
     whole sequence (special tokens kept, the visual span once as <image>), each loss-carrying span,
     and QueCC's question (null for text-free compressors)."""
     tokenizer = vlm.load_tokenizer(args.llm)
-    template = conv_template(args, tokenizer)
+    tokenize = sample_tokenizer(args, tokenizer)
     # skipped records are reported on stderr: stdout is the JSON lines
     records = llava_data.load_records(args.data, args.image_folder, args.skip_bad_samples,
                                       log=lambda message: print(message, file=sys.stderr))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     for index, record in enumerate(records[:args.show_samples]):
         try:
-            sample = conversation.tokenize(tokenizer, record["conversations"], args.tokens, args.max_length,
-                                           not args.image_after_question, template)
+            sample = tokenize(record["conversations"])
         except ValueError as e:
             raise llava_data.BadSample(f"{llava_data.record_name(args.data, index, record)}: {e}") from None
         ids, labels = sample["input_ids"], sample["labels"]
@@ -360,22 +383,32 @@ def show_samples(args):
 RECORDS_DIR = "records"  # in the output directory while training runs
 
 
-def load_data(args, rank, say):
-    """Rank 0 reads and validates the data, once for all ranks, and writes the records training
-    takes to OUTPUT/records/; every rank then maps that file (llava_data.RecordFile). An error
-    reaches every rank, so none waits for rank 0 forever."""
-    directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
+def load_data(args, rank, say, tokenize):
+    """Rank 0 reads and validates the data (each record rendered and tokenized as training will,
+    in a process per CPU), once for all ranks, and writes the records training takes to
+    OUTPUT/records/; every rank then maps that file (llava_data.RecordFile). A resumed run must
+    take the records it began with (runs.data_change). An error reaches every rank, so none waits
+    for rank 0 forever. -> (records, their fingerprint: llava_data.write_records)"""
+    directory, error, data = os.path.join(args.output_dir, RECORDS_DIR), None, None
     if rank == 0:
         try:
-            records = llava_data.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-            llava_data.write_records((text for _, text in records), directory)
+            records = llava_data.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say,
+                                               tokenize=tokenize, processes=len(os.sched_getaffinity(0)))
+            data = llava_data.write_records((text for _, text in records), directory)
+            error = runs.data_change(args.output_dir, args.data, data) if args.resume else None
         except (llava_data.BadSample, OSError) as e:
-            error = f"error: {e}"
-    error = distributed.from_rank0(error)
-    if error:  # a clean exit: a live process group aborts the process on its way out
-        distributed.end_distributed()
-        raise SystemExit(error)
-    return llava_data.RecordFile(directory)
+            error = str(e)
+    error, data = distributed.from_rank0((error, data))
+    if error:
+        stop(f"error: {error}")
+    return llava_data.RecordFile(directory), data
+
+
+def stop(message):
+    """Exit with one line, on every rank at once: a live process group aborts the process on its
+    way out, so it ends first."""
+    distributed.end_distributed()
+    raise SystemExit(message)
 
 
 def main(stage):
@@ -407,12 +440,15 @@ def main(stage):
         compressors.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if runs.prepare_output_dir(args, rank):
+    if runs.prepare_output_dir(args, rank, world):
         say(f"{args.output_dir} holds this run, finished; nothing to do")
         return distributed.end_distributed()
 
     # ---- build
-    model, tokenizer, image_processor = build_model(args, llm_dtype, compute)
+    try:
+        model, tokenizer, image_processor = build_model(args, llm_dtype, compute)
+    except vlm.ProjectorMismatch as e:
+        stop(f"error: {e}")
     try:
         template = conv_template(args, tokenizer)
     except ValueError as e:
@@ -432,7 +468,8 @@ def main(stage):
     else:
         model.vision.to(device), model.projector.to(device)
     say(f"precision: {describe_precision(model, compute)}")
-    records = load_data(args, rank, say)
+    records, data = load_data(args, rank, say, sample_tokenizer(args, tokenizer))
+    run = dict(settings=runs.run_settings(args, world), data=data)  # stored with each checkpoint and the output
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         from toy import features
@@ -478,12 +515,12 @@ def main(stage):
     say(f"trainable parameters: {trainable / 1e6:.2f}M; {total_steps} steps of {args.batch_size} samples "
         f"({accumulation} x {args.micro_batch_size} per device x {world} devices)")
 
-    start = runs.load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
+    start = runs.load_newest_checkpoint(model, optimizer, args.output_dir, rank, world) if args.resume else 0
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:  # keep the log in step with the checkpoint we continue from
         kept = []
-        if start and os.path.exists(log_path):
-            kept = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+        if start and os.path.exists(log_path):  # a line a kill cut short has no newline: it goes
+            kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)
     loader = torch.utils.data.DataLoader(
@@ -555,12 +592,12 @@ def main(stage):
                 f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            runs.save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, runs.run_settings(args))
+            runs.save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, run)
 
     # ---- save
-    save_final(model, tokenizer, args, rank)
-    if rank == 0:
-        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR))
+    save_final(model, tokenizer, args, rank, run)
+    if rank == 0:  # ignore_errors: deleted mid-run by hand, training went on from its open mapping
+        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR), ignore_errors=True)
     say(f"saved {args.output_dir}")
     distributed.end_distributed()
 
@@ -596,9 +633,10 @@ def clip_gradients(groups, max_norm):
     return total
 
 
-def save_final(model, tokenizer, args, rank):
-    """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
-    extra = dict(stage=2 if args.train_llm else 1, settings=runs.run_settings(args))
+def save_final(model, tokenizer, args, rank, run):
+    """Consolidate (gather FSDP shards, merge LoRA) and write the output directory, with what
+    defines the run (settings, data)."""
+    extra = dict(stage=2 if args.train_llm else 1, **run)
     if not args.train_llm:
         if rank == 0:
             vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)

@@ -24,7 +24,8 @@ from quecc import key_layers
 
 CONFIG_FILE, PROJECTOR_FILE, CARD_FILE = "config.json", "projector.safetensors", "README.md"
 GENERATION_CONFIG_FILE, WEIGHT_FILES = "generation_config.json", ("model.safetensors", "model.safetensors.index.json")
-LEGACY_CONFIG_FILE = "vlm_config.json"  # the layout before the model folder: vlm_config.json, llm/ (convert_model.py)
+# the layout before model folders (convert_model.py): vlm_config.json, and in stage 2 the LLM under llm/
+LEGACY_CONFIG_FILE, LEGACY_LLM_DIR = "vlm_config.json", "llm"
 
 
 def load_tokenizer(name):
@@ -109,26 +110,45 @@ def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
     """A VLM around models already built (the benches build theirs from configs alone)."""
     vcfg = vision.config
     # copies of the models' configs: the VLM's init sets the attention implementation of its sub-configs
-    config = VLMConfig(llm=llm_name, vision=vision_name, tokens=tokens, compressor=compressor,
+    config = VLMConfig(llm=loadable(llm_name), vision=loadable(vision_name), tokens=tokens, compressor=compressor,
                        grid=vcfg.image_size // vcfg.patch_size, key_layers=key_layers(vcfg.num_hidden_layers),
                        vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size,
                        text_config=copy.deepcopy(llm.config), vision_config=copy.deepcopy(vcfg))
     return VLM(config, llm, vision)
 
 
+def loadable(name):
+    """A model's name as it loads from any working directory: a local path made absolute (as typed,
+    a relative one breaks elsewhere), a hub name or toy preset as it is."""
+    return name if toy.is_toy(name) or not os.path.exists(name) else os.path.abspath(name)
+
+
 def model_name(name):
-    """The last path component: a hub name and its downloaded directory name one model."""
-    return os.path.basename(os.path.normpath(name))
+    """What names one model across machines: the last path component, so a hub name and its
+    downloaded directory are one model; but the whole path for the llm/ of an output of the earlier
+    layout, which every stage-2 output had."""
+    name = os.path.normpath(name)
+    return os.path.abspath(name) if os.path.basename(name) == LEGACY_LLM_DIR else os.path.basename(name)
+
+
+class ProjectorMismatch(ValueError):
+    """A projector built for another model; the message names its directory."""
+
+
+def refuse_earlier_layout(directory):
+    """An output of the layout before model folders (vlm_config.json) stops with the command that
+    converts it."""
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)) and os.path.exists(
+            os.path.join(directory, LEGACY_CONFIG_FILE)):
+        raise SystemExit(f"error: {directory} is a 01/02 output in the layout before Hugging Face model folders "
+                         f"({LEGACY_CONFIG_FILE}); convert it once: python convert_model.py {directory}")
 
 
 def read_config(directory):
-    """The typed config of a 01/02 output directory. One in the layout before config.json
-    (vlm_config.json) is refused with the command that converts it."""
+    """The typed config of a 01/02 output directory."""
+    refuse_earlier_layout(directory)
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
-        if os.path.exists(os.path.join(directory, LEGACY_CONFIG_FILE)):
-            raise SystemExit(f"error: {directory} is a 01/02 output in the layout before Hugging Face model folders "
-                             f"({LEGACY_CONFIG_FILE}); convert it once: python convert_model.py {directory}")
         raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
     with open(path) as f:
         saved = json.load(f)
@@ -144,10 +164,10 @@ def load_projector(model, directory):
     for key in ("tokens", "compressor", "grid", "vision_width", "llm_width", "llm", "vision"):
         ours, theirs = getattr(model.config, key), getattr(saved, key)
         if key in ("llm", "vision") and model_name(ours) != model_name(theirs):
-            raise ValueError(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
         if key not in ("llm", "vision") and ours != theirs:
-            raise ValueError(f"{directory}: projector was trained with {key}={theirs}, "
-                             f"this run has {key}={ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained with {key}={theirs}, "
+                                    f"this run has {key}={ours}")
     if not os.path.exists(os.path.join(directory, PROJECTOR_FILE)):
         raise SystemExit(f"error: {directory} holds no {PROJECTOR_FILE}: a projector comes from 01_pretrain_projector.py")
     model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
@@ -182,8 +202,9 @@ def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=Non
         state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
         save_file(state, os.path.join(staging, PROJECTOR_FILE))
         model.config.to_json_file(os.path.join(staging, CONFIG_FILE))
-    if os.path.exists(os.path.join(directory, CONFIG_FILE)):
-        os.remove(os.path.join(directory, CONFIG_FILE))  # an earlier output, incomplete from here on
+    for name in (CONFIG_FILE, PROJECTOR_FILE) + WEIGHT_FILES:  # an earlier output: incomplete from here on,
+        if os.path.exists(os.path.join(directory, name)):     # and none of its weights left to load
+            os.remove(os.path.join(directory, name))
     for name in sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE):
         target = os.path.join(directory, name)
         if os.path.isdir(target):

@@ -1,6 +1,7 @@
 """A trained VLM is a Hugging Face model folder: transformers loads it without this repository and
 it answers as generate.py does; its processor makes generate.py's inputs; a folder of the earlier
 layout is refused by name and converted; training's --eval-every scores as 03_evaluate.py does."""
+import argparse
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import convert_model
 import evaluation
 import generate
 import toy
+import train
 import vlm
 from constants import IMAGE_SLOT
 from conftest import ROOT, run_script, sharp_model
@@ -190,6 +192,12 @@ def test_an_output_of_the_earlier_layout_is_refused_by_name_and_converts(images,
     model, tokenizer, image_processor = sharp_model("quecc", 4)
     legacy_output(model, tokenizer, tmp_path / "stage1", stage2=False)
     legacy_output(model, tokenizer, tmp_path / "stage2", stage2=True)
+    for projector in (str(tmp_path / "stage1"), None):  # given, or the stage1 folder next to --output-dir
+        args = argparse.Namespace(llm="toy-xs", vision="toy", compressor="quecc", tokens=4, data=str(tmp_path),
+                                  image_folder=str(tmp_path), output_dir=str(tmp_path / "next"), train_llm=True,
+                                  show_samples=0, projector=projector)
+        with pytest.raises(SystemExit, match=f"convert it once: python convert_model.py {tmp_path / 'stage1'}"):
+            train.fill_defaults(args, dict(output="stage2", source=""))
     for stage in ("stage1", "stage2"):
         with pytest.raises(SystemExit, match=f"error: {tmp_path / stage} is a 01/02 output in the layout before "
                                              f"Hugging Face model folders .*python convert_model.py {tmp_path / stage}"):

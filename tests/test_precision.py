@@ -4,7 +4,6 @@ checkpoint's own dtype; the dtypes are logged, and accelerate's settings that ar
 LoRA, QLoRA, 8-bit AdamW and FSDP over a bf16 checkpoint: tests/test_scale_out.py."""
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

@@ -2,6 +2,7 @@
 stored in bf16 as Qwen1.5's is (trained in fp32: tests/test_precision.py)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+import vlm
 from conftest import ROOT, checkpoint_dtypes, run_script
 
 STEPS = 6
@@ -32,11 +34,17 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def reference(toy_data, llm, tmp_path_factory):
-    """One process, micro-batch 4: the run every other layout must reproduce."""
+def reference_run(toy_data, llm, tmp_path_factory):
+    """One process, micro-batch 4, checkpoints at steps 2 and 4: the run every other layout must
+    reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    run_script(*finetune_args(toy_data, llm, out, "--micro-batch-size", "4"))
-    return losses(out)
+    run_script(*finetune_args(toy_data, llm, out, "--micro-batch-size", "4", "--save-every", "2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return losses(reference_run)
 
 
 def torchrun_env():
@@ -89,18 +97,59 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, llm, tmp_path, refer
         assert abs(a - b) <= 1e-5
 
 
-def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, llm, tmp_path, reference):
+def test_truncated_checkpoint_cut_log_line_and_deleted_records_are_survived(toy_data, llm, tmp_path, reference):
+    """OUTPUT/records/ deleted by hand mid-run: training goes on from its open mapping and exits
+    0. Then, as if killed after its last checkpoint while writing a log line, the newest
+    checkpoint truncated: the resume uses the one before and keeps the log's whole lines."""
     args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
-    run_script(*args)
-    (tmp_path / "config.json").unlink()  # as if killed after its last checkpoint: not finished
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "step-0000002").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    shutil.rmtree(tmp_path / "records")  # still there: the run has not finished
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    (tmp_path / "config.json").unlink()
+    log = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text(log[:-10])  # the last line cut short
     newest = tmp_path / "checkpoints" / "step-0000004"
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     os.truncate(shard, shard.stat().st_size // 3)
     result = run_script(*args, "--resume")
     assert f"checkpoint {newest} is unusable" in result.stdout
     assert "resumed from" in result.stdout and "step-0000002 at step 2" in result.stdout
+    assert len(losses(tmp_path)) == STEPS
     for a, b in zip(losses(tmp_path), reference):
         assert abs(a - b) <= 1e-5
+
+
+def run_torchrun(args, timeout, env):
+    """run_script under torchrun, for a run that may hang: on a timeout its workers end too (each
+    runs in a session of its own; torchrun passes its SIGTERM on to them)."""
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, text=True, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        raise AssertionError(f"no end after {timeout} s: {args}") from None
+    assert process.returncode == 0, stderr[-5000:]
+    return stdout
+
+
+def test_resume_with_more_processes_than_the_checkpoint_had(toy_data, llm, tmp_path, reference_run, reference):
+    """Checkpointed by one process, resumed by two: both load step 4 (rank 1 has no RNG state of
+    its own and keeps --seed's) and the losses go on as if never interrupted."""
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    (tmp_path / vlm.CONFIG_FILE).unlink()  # as if killed after its last checkpoint
+    stdout = run_torchrun(["--nproc_per_node", "2", *finetune_args(
+        toy_data, llm, tmp_path, "--micro-batch-size", "2", "--save-every", "2", "--resume")], 300, torchrun_env())
+    assert "step-0000004 was written by 1 process(es): rank(s) 1 keep the RNG state of --seed" in stdout
+    assert "step-0000004 at step 4" in stdout
+    assert len(losses(tmp_path)) == STEPS
+    for a, b in zip(losses(tmp_path), reference):
+        assert abs(a - b) <= 1e-4 * abs(b)
 
 
 @pytest.mark.parametrize("saver", [["--lora", "8"], ["--qlora"], ["--optim", "adamw8bit"]])
@@ -115,7 +164,6 @@ def test_single_gpu_savers_train_and_export(toy_data, llm, tmp_path, saver):
     keep = (lambda name: name.startswith("model.")) if "adamw8bit" in saver else (lambda name: "lora_" in name)
     trained = {name: dtype for name, dtype in dtypes.items() if keep(name)}
     assert any(".layers." in name for name in trained) and set(trained.values()) == {torch.float32}
-    import vlm
     model, _, _ = vlm.load_pretrained(tmp_path)  # merged: loads like any other output
     assert not any("lora" in name for name, _ in model.llm.named_parameters())
     assert next(model.llm.parameters()).dtype == torch.bfloat16  # saved in the dtype its checkpoint came in

@@ -1,6 +1,7 @@
 """Model assembly and the two stages, run as a user runs them."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import conversation
 import llava_data
 import toy
 import vlm
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,15 @@ def test_directory_path_loads_the_same_model_as_the_preset(toy_dirs):
     pixels = torch.randn(1, 3, 96, 96)
     assert torch.allclose(from_dirs.encode_images(pixels)[1], preset.encode_images(pixels)[1], atol=1e-5)
     assert from_dirs.config.key_layers == [3, 4, 6, 6] and from_dirs.config.grid == 24
+
+
+def test_a_model_given_by_a_relative_path_is_stored_as_it_loads_from_anywhere(toy_dirs, monkeypatch):
+    llm_dir, vision_dir = toy_dirs
+    monkeypatch.chdir(os.path.dirname(llm_dir))
+    model, _, _ = vlm.build("llm", "vision", 4, "quecc")
+    assert (model.config.llm, model.config.vision) == (llm_dir, vision_dir)  # config.json's names
+    monkeypatch.chdir(ROOT)
+    assert vlm.loadable("toy") == "toy"  # a preset, though the repository holds a toy/ folder
 
 
 def test_mixed_batch_equals_samples_one_by_one(toy_data, tokenizer):
