@@ -171,8 +171,9 @@ class VLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
                 pixel_values=None, features=None):
-        """-> (sum of token losses, number of label tokens). The caller divides, so the loss
-        can be normalised over a whole global batch, however it is split.
+        """Training's forward (answers come from generate): -> (sum of token losses, number of label
+        tokens). The caller divides, so the loss can be normalised over a whole global batch, however
+        it is split.
         Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
         visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
         # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
@@ -203,10 +204,10 @@ class VLM(PreTrainedModel, GenerationMixin):
             out = self.llm_generate(ids, attention_mask, **generate_kwargs)
         return torch.cat([input_ids, out[:, input_ids.shape[1]:]], dim=1)
 
-    def llm_generate(self, input_ids, attention_mask, **generate_kwargs):
-        """The LLM's generate under this model's generation settings (the LLM's own, saved as
-        generation_config.json), updated by generate_kwargs."""
-        settings = copy.deepcopy(self.generation_config)
+    def llm_generate(self, input_ids, attention_mask, generation_config=None, **generate_kwargs):
+        """The LLM's generate under generation_config, by default this model's generation settings (the
+        LLM's own, saved as generation_config.json), updated by generate_kwargs."""
+        settings = copy.deepcopy(generation_config or self.generation_config)
         other_kwargs = settings.update(**generate_kwargs)  # what is not a generation setting (synced_gpus, ...)
         return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
                                  **other_kwargs)

@@ -7,7 +7,8 @@
     python -m toy.demo --print-real    # the launch lines of the paper's real grid
 
 For every compressor, (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2
-(02_finetune.py), evaluation on the held-out reasoning and OCR questions (03_evaluate.py); then the
+(02_finetune.py, scoring reasoning questions as it trains), evaluation on the held-out reasoning and
+OCR questions (03_evaluate.py); then the
 law fitted per compressor and split (04_fit_scaling.py) on the cell means, its bootstrap redrawing
 the seeds of each cell. A V a compressor cannot make (pixel shuffle below V = 9) is skipped and named.
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
@@ -18,7 +19,8 @@ the script it is running too). The frozen vision tower's features are computed o
 
 Outputs in --out: scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
 fit_COMPRESSOR_reasoning.json and fit_COMPRESSOR_ocr.json with the plots in fit_COMPRESSOR_reasoning/
-and fit_COMPRESSOR_ocr/, summary.md (with several compressors, accuracy_vs_tokens.png beside it),
+and fit_COMPRESSOR_ocr/, summary.md (with learning_curves.png and, with several compressors,
+accuracy_vs_tokens.png beside it),
 timings.json (seconds per run, summed over resumes; "total" is this invocation's wall time),
 demo.log (every script's output), and data/, cache/, runs/.
 """
@@ -54,7 +56,7 @@ FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # (Batches of 4 at 1e-3 learn more per sample, but 800 such steps took 22.5 min for less.)
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 1.5e-3
 # Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
-CURVE_POINTS, CURVE_QUESTIONS = 8, 200
+CURVE_POINTS, CURVE_QUESTIONS = 8, 100
 
 # The paper's scaling grid (section 3.2): Qwen1.5 chat LLMs x V, LLaVA-1.5 data, both suites, TokenPacker
 # compression, stage-2 batch doubled to 256; the fit on the nominal sizes (the release's values.py).
