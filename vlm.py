@@ -243,7 +243,8 @@ def write_model_folder(model, tokenizer, directory, llm_state=None):
     with open(path) as f:
         saved = json.load(f)
     with open(path, "w") as f:
-        json.dump(dict(saved, dtype=config.llm_dtype), f, indent=2)
+        json.dump(dict(saved, dtype=config.llm_dtype, text_config=dict(saved["text_config"], dtype=config.llm_dtype)),
+                  f, indent=2)
     write_model_card(directory, config)
 
 
