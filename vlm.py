@@ -33,6 +33,9 @@ def load_tokenizer(name):
     a chat template is fine: conversation.py renders LLaVA's vicuna_v1 for it (Vicuna-1.5)."""
     if toy.is_toy(name):
         return toy.build_tokenizer()
+    if is_output(name):  # its config.json would have transformers ask to run the folder's code, then fail
+        raise SystemExit(f"error: --llm {name} is an output of 01/02 (a VLM), not an LLM; give the LLM it was "
+                         f"trained from: {read_config(name).llm}")
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -144,18 +147,24 @@ def refuse_earlier_layout(directory):
                          f"({LEGACY_CONFIG_FILE}); convert it once: python convert_model.py {directory}")
 
 
+def is_output(directory):
+    """A 01/02 output directory (its config.json is a VLMConfig)."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_type") == VLMConfig.model_type
+
+
 def read_config(directory):
     """The typed config of a 01/02 output directory."""
     refuse_earlier_layout(directory)
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
-    with open(path) as f:
-        saved = json.load(f)
-    if saved.get("model_type") != VLMConfig.model_type:
-        raise SystemExit(f"error: cannot load the model {directory}: its {CONFIG_FILE} is not a 01/02 output's "
-                         f"(model_type {saved.get('model_type')!r})")
-    return VLMConfig.from_dict(saved)
+    if not is_output(directory):
+        raise SystemExit(f"error: cannot load the model {directory}: its {CONFIG_FILE} is not a 01/02 output's")
+    return VLMConfig.from_json_file(path)
 
 
 def load_projector(model, directory):

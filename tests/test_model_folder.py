@@ -172,6 +172,11 @@ def test_the_folder_holds_its_model_its_code_and_a_model_card(folders):
         assert (folder / name).read_text() == open(os.path.join(ROOT, name)).read()
 
 
+def test_a_model_folder_as_llm_is_refused_naming_the_llm_it_was_trained_from(folders):
+    with pytest.raises(SystemExit, match=f"error: --llm {folders['pool']} is an output of 01/02 .* trained from: toy-xs"):
+        vlm.build(str(folders["pool"]), "toy", 4, "pool")
+
+
 def legacy_output(model, tokenizer, directory, stage2):
     """An output directory as 01/02 wrote it before model folders: vlm_config.json, projector.safetensors
     and the LLM with its tokenizer under llm/ (stage 2) or the tokenizer under tokenizer/ (stage 1)."""
