@@ -264,4 +264,6 @@ def test_eval_every_under_fsdp_scores_as_03_on_the_model_saved_at_that_step(toy_
     result = json.loads((tmp_path / "stage2" / "eval" / "results.jsonl").read_text())
     assert 25 < live["score"] < 75, live  # neither all right nor all wrong: the comparison can fail
     assert live == {k: result[k] for k in ("metric", "score", "normalized", "per_category")}
-    assert f"| toy_reasoning | accuracy | {live['score']:.2f} |" in (tmp_path / "stage2" / "README.md").read_text()
+    card = (tmp_path / "stage2" / "README.md").read_text()  # the model card: how it was trained, its scores
+    assert f"| data | `{toy_data / 'finetune.json'}` |" in card and "| training | stage 2: 2 steps of 4 samples, lr 1e-05 |" in card
+    assert f"| toy_reasoning | accuracy | {live['score']:.2f} |" in card
