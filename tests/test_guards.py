@@ -282,6 +282,8 @@ def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
     ("--warmup-ratio", "1.5", "--warmup-ratio must lie in [0, 1]"),
     ("--max-steps", "-1", "--max-steps must be >= 0"),
     ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+    ("--eval-every", "5", "--eval-every N and --eval-bench NAMES go together"),
+    ("--eval-limit", "-1", "--eval-limit must be >= 0"),
 ])
 def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["01", "--data", "d.json", "--output-dir", str(tmp_path), flag, value])
