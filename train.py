@@ -186,10 +186,12 @@ def fill_defaults(args, stage):
 
 def shard_llm(model, compute):
     """FSDP2: each decoder layer is one unit (all-gathered just before it runs), then the rest
-    of the LLM (embeddings, final norm, head) as the root unit. The shards stay fp32 (train.precision);
-    what is gathered for compute is cast to the compute dtype, and gradients are reduced in fp32."""
+    of the LLM (embeddings, final norm, head) as the root unit. The shards keep the weights' dtype (fp32
+    when they train: train.precision); to compute in bf16, what is gathered is cast to bf16 and the
+    gradients are reduced in fp32. In any other compute dtype FSDP computes in the weights' own."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if compute == torch.bfloat16 else MixedPrecisionPolicy()
     for layer in model.llm.get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model.llm, mp_policy=policy)

@@ -131,7 +131,7 @@ def fsdp_worker(toy_data, out):
     differences = {}
     for compressor in FSDP_COMPRESSORS:
         model, tokenizer, processor = build(compressor=compressor, tokens=FSDP_TOKENS)
-        train.shard_llm(model, torch.device("cpu"))
+        train.shard_llm(model, torch.float64)  # computed in the weights' own dtype, as on a CPU
         batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank], FSDP_TOKENS)
         differences[compressor] = [None, None]
         dist.all_gather_object(differences[compressor], relative_differences(model, batch))
