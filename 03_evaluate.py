@@ -15,7 +15,6 @@ OUTPUT_DIR/BENCH/metrics.json, and OUTPUT_DIR/results.jsonl with one row per ben
 import argparse
 import json
 import os
-import sys
 
 import torch
 from tqdm import tqdm
@@ -23,6 +22,7 @@ from tqdm import tqdm
 import benchmarks
 import conversation
 import distributed
+import evaluation
 import runs
 import vlm
 
@@ -33,7 +33,7 @@ def parse_args():
     p.add_argument("--bench", help="comma-separated: " + ", ".join(benchmarks.BENCHMARKS))
     p.add_argument("--data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
     p.add_argument("--output-dir", help="default MODEL/eval")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=evaluation.BATCH_SIZE)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--score-only", action="store_true", help="score --answers against --questions")
     p.add_argument("--questions")
@@ -58,10 +58,6 @@ def parse_args():
     return args
 
 
-def fail(message):
-    sys.exit(f"error: {message}")
-
-
 def answer_identity(args, world):
     """What makes an answer: the model (directory and weights) and the generation settings
     (the batches, and so the padding, depend on the batch size and the number of processes).
@@ -72,45 +68,12 @@ def answer_identity(args, world):
 
 # ---------------------------------------------------------------- generation
 
-class Prompts(torch.utils.data.Dataset):
-    def __init__(self, bench, questions, image_folder, tokenizer, image_processor, config):
-        self.bench, self.questions, self.image_folder = bench, questions, image_folder
-        self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
-
-    def __len__(self):
-        return len(self.questions)
-
-    def __getitem__(self, index):
-        record = self.questions[index]
-        text = benchmarks.build_prompt(self.bench, record)
-        sample = conversation.prompt(self.tokenizer, text, self.config["tokens"],
-                                     self.config.get("image_first", True), template=self.config.get("conv_template", "chat"))
-        image = os.path.join(self.image_folder, record["image"])
-        try:
-            sample["pixel_values"] = conversation.load_image(image, self.image_processor,
-                                                             self.config.get("image_aspect", "pad"))
-        except Exception as e:  # in a loader worker, whose exception would reach the user as two tracebacks
-            return dict(error=f"{image}: cannot decode the image of question {record['question_id']} ({e}); "
-                              "replace the file, or drop the question from the question file")
-        sample["prompt"] = text
-        return sample
-
-
-def batches_to_answer(questions, batch_size, answered):
-    """Fixed batches over this rank's questions, sorted by prompt length so a batch pads little.
-    A batch is redone whole unless all of it is answered, so a resumed run forms exactly the
-    batches an uninterrupted run forms and gets exactly its answers."""
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]["question"]))
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [c for c in chunks if not all(str(questions[i]["question_id"]) in answered for i in c)]
-
-
 def generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
                      rank, world, device, identity):
     answered = runs.read_answered(folder)
     mine = questions[rank::world]
-    todo = batches_to_answer(mine, args.batch_size, answered)
-    prompts = Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
+    todo = evaluation.batches_to_answer(mine, args.batch_size, answered)
+    prompts = evaluation.Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
     loader = torch.utils.data.DataLoader(
         prompts, batch_sampler=todo, num_workers=2,
         collate_fn=lambda s: (s, None if any("error" in x for x in s) else
@@ -120,7 +83,7 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
     with runs.open_for_append(part) as f:
         for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
             if batch is None:
-                fail(next(x["error"] for x in samples if "error" in x))
+                evaluation.fail(next(x["error"] for x in samples if "error" in x))
             batch = {k: v.to(device) for k, v in batch.items()}
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
             rows = [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text,
@@ -130,23 +93,14 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
             f.flush()
 
 
-def check_images(questions, image_folder, questions_path):
-    missing = [q for q in questions if not os.path.exists(os.path.join(image_folder, q["image"]))]
-    if missing:
-        fail(f"{questions_path}: {len(missing)} of {len(questions)} questions have no image in {image_folder}, "
-             f"e.g. question {missing[0]['question_id']}: {os.path.join(image_folder, missing[0]['image'])}")
-
-
 def result_row(model, bench, metrics, identity, params_b=None):
     """params_b: the nominal size (--params-b) or, without one, the counted parameters, which
     params_counted_b always keeps (Qwen1.5-7B-Chat counts 7.72B, the paper calls it 7). The row's
     identity is its answers' and --params-b: one model, one size in results.jsonl."""
     counted = sum(p.numel() for p in model.llm.parameters()) / 1e9
-    return dict(identity=dict(identity, params_b=params_b), llm=model.config["llm"], params_b=params_b or counted,
-                params_counted_b=counted, tokens=model.config["tokens"],
-                compressor=model.config["compressor"], benchmark=bench, metric=metrics["headline"],
-                score=metrics[metrics["headline"]], normalized=metrics["normalized"],
-                per_category=metrics.get("per_category", {}))
+    return dict(identity=dict(identity, params_b=params_b), llm=model.config.llm, params_b=params_b or counted,
+                params_counted_b=counted, tokens=model.config.tokens, compressor=model.config.compressor,
+                benchmark=bench, **evaluation.headline(metrics))
 
 
 # ---------------------------------------------------------------- modes
@@ -156,29 +110,12 @@ def score_only(args):
         benchmarks.get_benchmark(args.bench)  # a wrong name fails before the files are read
         questions, answers = benchmarks.load_questions(args.questions), benchmarks.read_answers(args.answers)
     except (OSError, ValueError) as e:
-        fail(e)
+        evaluation.fail(e)
     try:
         metrics = benchmarks.score(args.bench, questions, answers)
     except ValueError as e:  # the answers are not to these questions
-        fail(f"{args.answers} against {args.questions}: {e}")
+        evaluation.fail(f"{args.answers} against {args.questions}: {e}")
     print(json.dumps(metrics, indent=2))
-
-
-def read_benchmark(data_root, name):
-    """-> its questions, checked (and their images found) before the model loads."""
-    if name not in benchmarks.BENCHMARKS:
-        fail(f"unknown benchmark {name!r}; valid: {', '.join(benchmarks.BENCHMARKS)}")
-    path = os.path.join(data_root, name, "questions.jsonl")
-    if not os.path.exists(path):
-        fail(f"{path} not found: fetch {name} from its official source and convert it with "
-             f"python data_prep/convert_benchmarks.py {name} --src ... --out {path}, images in "
-             f"{os.path.join(data_root, name, 'images')} (docs/evaluation.md)")
-    try:
-        questions = benchmarks.load_questions(path)
-    except (OSError, ValueError) as e:
-        fail(e)
-    check_images(questions, os.path.join(data_root, name, "images"), path)
-    return questions
 
 
 def main():
@@ -186,7 +123,7 @@ def main():
     if args.score_only:
         return score_only(args)
     rank, world, device = distributed.setup_distributed()
-    benches = {name: read_benchmark(args.data_root, name) for name in args.bench.split(",")}
+    benches = {name: evaluation.read_benchmark(args.data_root, name) for name in args.bench.split(",")}
     model, tokenizer, image_processor = vlm.load_pretrained(
         args.model, dtype=torch.bfloat16 if device.type == "cuda" else None)
     model.to(device).eval()
@@ -222,7 +159,9 @@ def main():
                   f"(normalized {metrics['normalized']:.4f}, {len(answers)} answers)")
         distributed.barrier()
     if rank == 0:
-        runs.write_results(args.output_dir, rows)
+        results = runs.write_results(args.output_dir, rows)
+        if vlm.is_model_folder(args.model):  # its model card shows the scores
+            vlm.write_model_card(args.model, model.config, results)
     distributed.end_distributed()
 
 

@@ -24,8 +24,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
-from llava_data import ROLES, BadSample, record_name
+try:  # in a model folder, for the processor (modeling_vlm.py explains)
+    from .constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+    from .llava_data import ROLES, BadSample, record_name, trained_turns
+except ImportError:
+    from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
+    from llava_data import ROLES, BadSample, record_name, trained_turns
 TEMPLATES = ("chat", "vicuna_v1", "plain")
 # LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md): "user", where the older
 # conv_llava_v1, which LLaVA-1.5 does not use, says "human"
@@ -77,11 +81,12 @@ def load_image(source, image_processor, aspect="pad"):
 # ---------------------------------------------------------------- text
 
 def to_messages(turns, image_first=True):
-    """LLaVA turns -> chat messages. The image goes where LLaVA puts it (start of the first
-    human turn), or after the question with image_first=False. Also returns the question
-    text: the first human turn without the image, QueCC's query."""
+    """LLaVA turns -> chat messages (a leading gpt turn dropped: llava_data.trained_turns). The
+    image goes where LLaVA puts it (start of the first human turn), or after the question with
+    image_first=False. Also returns the question text: the first human turn without the image,
+    QueCC's query."""
     messages, question = [], None
-    for turn in turns:
+    for turn in trained_turns(turns):
         text = turn["value"]
         if IMAGE_TOKEN in text or (question is None and turn["from"] == "human"):
             has_image = IMAGE_TOKEN in text
@@ -186,14 +191,25 @@ def query_ids(tokenizer, question):
     return tokenizer(question or "image")["input_ids"]
 
 
+def span_labels(ids, offsets, spans):
+    """ids -> labels: a token keeps its id where its characters (a, b) overlap a span, else IGNORE.
+    One pass: tokens come in text order and the spans are sorted and disjoint. A token of no
+    width (BOS, image slots) is never labelled."""
+    labels, k = [], 0
+    for token, (a, b) in zip(ids, offsets):
+        while k < len(spans) and spans[k][1] <= a:  # spans that end before this token starts
+            k += 1
+        labels.append(token if k < len(spans) and spans[k][0] < b and a < b else IGNORE)
+    return labels
+
+
 def tokenize(tokenizer, turns, num_visual_tokens, max_length, image_first=True, template="chat"):
     """-> dict(input_ids, labels, query_ids). Only assistant turns carry labels. Truncation
     to max_length never cuts the image span apart: if it would, the sample is refused."""
     messages, question = to_messages(turns, image_first)
     text, spans = render(tokenizer, messages, template)
     ids, offsets = encode_with_image(tokenizer, text, num_visual_tokens)
-    labels = [token if any(a < end and b > start for start, end in spans) and b > a else IGNORE
-              for token, (a, b) in zip(ids, offsets)]
+    labels = span_labels(ids, offsets, spans)
     if len(ids) > max_length:
         if IMAGE_SLOT in ids and ids.index(IMAGE_SLOT) + num_visual_tokens > max_length:
             raise ValueError(f"--max-length {max_length} would cut the image span "

@@ -67,6 +67,15 @@ def from_rank0(value):
     return value
 
 
+def all_ranks(value):
+    """[each rank's value], in rank order (a collective: every rank calls it)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def end_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -46,15 +46,15 @@ def load_image(image, image_processor, aspect):
 def plain_answers(model, tokenizer, image_processor, question, images, batch_size=16, max_new_tokens=128):
     """The ordinary path for one question over many images: a full prompt per image,
     left-padded batches, vlm.generate. What StaticQuery must reproduce, faster."""
-    image_first = model.config.get("image_first", True)
+    image_first = model.config.image_first
     device = next(model.llm.parameters()).device
     answers = []
     for start in range(0, len(images), batch_size):
         samples = []
         for image in images[start:start + batch_size]:
-            sample = conversation.prompt(tokenizer, question, model.config["tokens"], image_first,
-                                         template=model.config.get("conv_template", "chat"))
-            sample["pixel_values"] = load_image(image, image_processor, model.config.get("image_aspect", "pad"))
+            sample = conversation.prompt(tokenizer, question, model.config.tokens, image_first,
+                                         template=model.config.conv_template)
+            sample["pixel_values"] = load_image(image, image_processor, model.config.image_aspect)
             samples.append(sample)
         batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
         answers += vlm.generate(model, tokenizer, {k: v.to(device) for k, v in batch.items()}, max_new_tokens)
@@ -65,10 +65,10 @@ class StaticQuery:
     def __init__(self, model, tokenizer, image_processor, question, max_new_tokens=128, batch_size=16):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.image_first = model.config.get("image_first", True)
+        self.image_first = model.config.image_first
         self.device = next(model.llm.parameters()).device
-        sample = conversation.prompt(tokenizer, question, model.config["tokens"], self.image_first,
-                                     template=model.config.get("conv_template", "chat"))
+        sample = conversation.prompt(tokenizer, question, model.config.tokens, self.image_first,
+                                     template=model.config.conv_template)
         self.input_ids = torch.tensor(sample["input_ids"], device=self.device)
         first_slot = sample["input_ids"].index(IMAGE_SLOT)
 
@@ -96,7 +96,7 @@ class StaticQuery:
         answers = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            aspect = self.model.config.get("image_aspect", "pad")
+            aspect = self.model.config.image_aspect
             pixels = torch.stack([load_image(image, self.image_processor, aspect) for image in chunk]).to(self.device)
             answers += self._answer_batch(pixels)
         return answers
@@ -115,9 +115,9 @@ class StaticQuery:
         # slots the hook fills. The prefix ids are there for the length and the positions.
         with model.armed(ids[:, self.prefix_length:], visual) as rest:
             input_ids = torch.cat([ids[:, :self.prefix_length], rest], dim=1)
-            out = model.llm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                     pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            out = model.llm_generate(input_ids, torch.ones_like(input_ids), do_sample=False, num_beams=1,
+                                     max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                     **kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:],
                                                                skip_special_tokens=True)]
 

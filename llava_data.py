@@ -9,14 +9,21 @@ Every record is checked before training starts; a bad one stops the run naming t
 record (or, with --skip-bad-samples, is logged and dropped). Training then reads the records it
 takes from one memory-mapped file (RecordFile), which every rank and data-loader worker shares.
 """
+import collections
+import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import re
 
 import numpy as np
 from PIL import Image
 
-from constants import IMAGE_TOKEN
+try:  # in a model folder, for the processor (modeling_vlm.py explains)
+    from .constants import IMAGE_TOKEN
+except ImportError:
+    from constants import IMAGE_TOKEN
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -104,28 +111,45 @@ def is_one_object(path):
         return False
 
 
-def check_record(record):
-    """Raise ValueError saying what is wrong with one record's structure (its image: check_image)."""
+def trained_turns(turns):
+    """The turns training takes: a leading gpt turn answers nothing and is dropped, as LLaVA's
+    preprocess does (after an optional system turn)."""
+    system = turns[:1] if turns[:1] and turns[0]["from"] == "system" else []
+    rest = turns[len(system):]
+    return system + (rest[1:] if rest[:1] and rest[0]["from"] == "gpt" else rest)
+
+
+def check_record(record, tokenize=None):
+    """Raise ValueError saying what is wrong with one record (its image: check_image). tokenize:
+    the run's conversation.tokenize, turns -> sample (train.sample_tokenizer), so a record that
+    the template or --max-length refuses is refused here, before training, and not at its step."""
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise ValueError("no 'conversations' list")
-    turns = record["conversations"]
-    for turn in turns:
+    for turn in record["conversations"]:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise ValueError(f"a turn is not {{'from': human|gpt|system, 'value': str}}: {str(turn)[:80]}")
+    turns = trained_turns(record["conversations"])
+    roles = [t["from"] for t in turns]
+    body = roles[1:] if roles[:1] == ["system"] else roles
+    if any(role != ("human", "gpt")[i % 2] for i, role in enumerate(body)):  # LLaVA asserts it too
+        raise ValueError(f"turns must alternate human, gpt (a system turn only first): {', '.join(roles)[:80]}")
     if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
         raise ValueError("no gpt turn with an answer")
     tags = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t["value"]]
     if "image" not in record:
         if tags:
             raise ValueError(f"'{IMAGE_TOKEN}' in a sample that has no image")
-        return
-    if not tags:  # its visual tokens would have no place in the sequence
+    elif not tags:  # its visual tokens would have no place in the sequence
         raise ValueError(f"an image but no '{IMAGE_TOKEN}' in the text")
-    if not isinstance(record["image"], str):
+    elif not isinstance(record["image"], str):
         raise ValueError("'image' must be one file name (one image per sample)")
-    first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
-    if first_human is None or any(i != first_human for i in tags) or turns[first_human]["value"].count(IMAGE_TOKEN) > 1:
+    elif tags != [roles.index("human")] or turns[tags[0]]["value"].count(IMAGE_TOKEN) > 1:
         raise ValueError(f"'{IMAGE_TOKEN}' must appear once, in the first human turn")
+    if tokenize is not None:
+        try:
+            tokenize(record["conversations"])
+        except Exception as e:  # a chat template's own refusal is jinja's TemplateError
+            raise ValueError(str(e).strip() or type(e).__name__) from None
 
 
 def check_image(path):
@@ -140,29 +164,73 @@ def check_image(path):
         raise ValueError(f"unreadable image {path}: {e}") from None
 
 
-def valid_records(path, image_folder, skip_bad=False, log=print):
+CHUNK = 256  # records a checking process takes at a time
+
+
+def checked_records(path, tokenize=None, processes=1):
+    """Yield (index, record, its JSON text, why check_record refuses it or None) for each record of
+    the file, in order. Tokenizing costs about 1 ms a record (LLaVA-665K: over 10 minutes on one
+    core), so with tokenize and processes > 1 the checks run in that many forked processes, the
+    file still streamed once and at most a few chunks of records in flight."""
+    records = enumerate(iter_records(path))
+    if tokenize is None or processes <= 1:
+        for index, (record, text) in records:
+            yield index, record, text, record_problem(record, tokenize)
+        return
+    chunks = iter(lambda: list(itertools.islice(records, CHUNK)), [])
+    # fork: the tokenizer and template reach the workers as they are, not pickled
+    with multiprocessing.get_context("fork").Pool(processes, _hold, (tokenize,)) as pool:
+        pending = collections.deque()
+        for chunk in itertools.chain(chunks, [None]):
+            if chunk:
+                pending.append((chunk, pool.apply_async(_problems, ([record for _, (record, _) in chunk],))))
+            while pending and (chunk is None or len(pending) > 2 * processes):
+                done, problems = pending.popleft()
+                for (index, (record, text)), problem in zip(done, problems.get()):
+                    yield index, record, text, problem
+
+
+def record_problem(record, tokenize=None):
+    """check_record's complaint about the record, or None."""
+    try:
+        check_record(record, tokenize)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+_tokenize = None  # in a checking process: the run's tokenize
+
+
+def _hold(tokenize):
+    global _tokenize
+    _tokenize = tokenize
+
+
+def _problems(records):
+    return [record_problem(record, _tokenize) for record in records]
+
+
+def valid_records(path, image_folder, skip_bad=False, log=print, tokenize=None, processes=1):
     """Read and validate the whole file before training starts: yield (record, its JSON text) for
     each record training can take. A bad record stops the run with its name, or with skip_bad is
-    logged and dropped."""
+    logged and dropped. tokenize, processes: check_record's and checked_records'."""
     kept, bad = 0, 0
     image_errors = {}  # image path -> its error or None: an image several records share is read once
-    for index, (record, text) in enumerate(iter_records(path)):
-        try:
-            check_record(record)
-            if "image" in record:
-                image = os.path.join(image_folder, record["image"])
-                if image not in image_errors:
-                    try:
-                        check_image(image)
-                        image_errors[image] = None
-                    except ValueError as e:
-                        image_errors[image] = str(e)
-                if image_errors[image]:
-                    raise ValueError(image_errors[image])
-        except ValueError as e:
+    for index, record, text, problem in checked_records(path, tokenize, processes):
+        if problem is None and "image" in record:
+            image = os.path.join(image_folder, record["image"])
+            if image not in image_errors:
+                try:
+                    check_image(image)
+                    image_errors[image] = None
+                except ValueError as e:
+                    image_errors[image] = str(e)
+            problem = image_errors[image]
+        if problem:
             if not skip_bad:
-                raise BadSample(f"{record_name(path, index, record)}: {e} (or pass --skip-bad-samples)") from None
-            log(f"skipping {record_name(path, index, record)}: {e}")
+                raise BadSample(f"{record_name(path, index, record)}: {problem} (or pass --skip-bad-samples)")
+            log(f"skipping {record_name(path, index, record)}: {problem}")
             bad += 1
             continue
         kept += 1
@@ -173,20 +241,26 @@ def valid_records(path, image_folder, skip_bad=False, log=print):
         raise BadSample(f"{path}: no usable samples")
 
 
-def load_records(path, image_folder, skip_bad=False, log=print):
+def load_records(path, image_folder, skip_bad=False, log=print, tokenize=None):
     """valid_records as a list of records."""
-    return [record for record, _ in valid_records(path, image_folder, skip_bad, log)]
+    return [record for record, _ in valid_records(path, image_folder, skip_bad, log, tokenize)]
 
 
 def write_records(texts, directory):
     """Records' JSON texts -> DIRECTORY/records.txt, back to back, and the offset where each
-    starts in DIRECTORY/offsets.npy (read by RecordFile)."""
+    starts in DIRECTORY/offsets.npy (read by RecordFile). -> what was written, as a resumed run
+    must find it again: dict(records=count, sha1=of the texts and their boundaries)."""
     os.makedirs(directory, exist_ok=True)
-    offsets = [0]
+    offsets, digest = [0], hashlib.sha1()
     with open(os.path.join(directory, "records.txt"), "wb") as f:
         for text in texts:
-            offsets.append(offsets[-1] + f.write(text.encode()))
-    np.save(os.path.join(directory, "offsets.npy"), np.array(offsets, dtype=np.int64))
+            data = text.encode()
+            digest.update(data)
+            offsets.append(offsets[-1] + f.write(data))
+    offsets = np.array(offsets, dtype=np.int64)
+    np.save(os.path.join(directory, "offsets.npy"), offsets)
+    digest.update(offsets.tobytes())
+    return dict(records=len(offsets) - 1, sha1=digest.hexdigest()[:16])
 
 
 class RecordFile:

@@ -1,12 +1,11 @@
-"""The projector: CLIP patch features -> V visual tokens in the LLM's width.
+"""The paper's projector: CLIP patch features -> V visual tokens in the LLM's width.
 
-Four compressors share one interface, so every experiment differs by one flag:
-  quecc        the paper's query-conditioned convolutional cross-attention
-  tokenpacker  the same region attention with text-free, bilinear queries (its authors' init)
-  pool         average-pool the patch grid to V cells, then the MLP
-  mlp          LLaVA-1.5's projector on all patches (no compression)
-Each is followed by LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) into the LLM. Before
-them, the features may be standardized per channel (off unless fitted; see Standardize).
+QueCC compresses the patches to V tokens, then LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear)
+maps them into the LLM. Before it, the features may be standardized per channel (off unless
+fitted; see Standardize). QueCC is one of the compressors behind `--compressor`: the others
+(TokenPacker, pooling, LLaVA's MLP, pixel shuffle, a Perceiver resampler), their registry and
+the Projector that wraps any of them live in compressors.py; all share the interface of
+Compressor below.
 
 QueCC, step by step (Li et al. 2024, section 4; shapes for CLIP-L/336, V = 4):
   question embedding (B, d_llm) --Linear+LayerNorm--> (B, 1024), added to every patch
@@ -21,8 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-COMPRESSORS = ("quecc", "tokenpacker", "pool", "mlp")
-
 # The release takes keys/values from hidden states 12, 16, 22 and 23 of the 24-layer CLIP-L
 # (its clip_encoder.py, feature_select; docs/sources.md). Stated as fractions of depth they
 # carry over to any encoder (a 6-layer toy gets 3, 4, 6, 6).
@@ -33,14 +30,6 @@ ATTENTION_HEADS = 8  # the release's multimodal_projector/quecc.py
 def valid_token_counts(grid):
     """V works when sqrt(V) divides the grid side: each token owns a square region."""
     return [(grid // k) ** 2 for k in range(grid, 0, -1) if grid % k == 0]
-
-
-def check_token_count(tokens, grid, compressor):
-    valid = [grid * grid] if compressor == "mlp" else valid_token_counts(grid)
-    if tokens not in valid:
-        raise ValueError(
-            f"--tokens {tokens} is not supported by compressor '{compressor}' on a "
-            f"{grid}x{grid} patch grid; valid values: {', '.join(map(str, valid))}")
 
 
 def key_layers(depth):
@@ -76,12 +65,30 @@ def split_regions(tokens, grid, side):
     return regions.reshape(b * side * side, k * k, c)
 
 
-class RegionAttention(nn.Module):
+class Compressor(nn.Module):
+    """What every compressor is: built as Cls(tokens, grid, vision_width, llm_width, num_key_layers),
+    called as forward(patches, multi_level, question) -> (B, V, out_width), followed by head(llm_width)
+    into the LLM. needs_multi_level: it reads the key layers; needs_question: QueCC's question."""
+    needs_question = needs_multi_level = False
+    valid_tokens = staticmethod(valid_token_counts)  # grid -> the token counts it can make
+    rule = "sqrt(V) divides the grid side"  # why those, for the refusal of any other
+
+    def __init__(self, out_width):
+        super().__init__()
+        self.out_width = out_width
+
+    def head(self, llm_width):
+        """LLaVA-1.5's projector into the LLM, after every compressor unless its authors used another."""
+        return mlp2x_gelu(self.out_width, llm_width)
+
+
+class RegionAttention(Compressor):
     """Shared by QueCC and TokenPacker: query r attends to the patches of region r only. Keys and
     values come from several encoder layers: one token carries low-level detail and semantics."""
+    needs_multi_level = True
 
     def __init__(self, tokens, grid, width, num_key_layers, text_width=None):
-        super().__init__()
+        super().__init__(width)
         self.grid, self.side = grid, math.isqrt(tokens)
         self.text_conditioned = text_width is not None
         if self.text_conditioned:
@@ -113,13 +120,12 @@ class RegionAttention(nn.Module):
         return out.reshape(b, self.side ** 2, width)
 
 
-def tokenpacker_init(module):
-    """TokenPacker's builder.py: Linear weights truncated normal std 0.02, biases 0 (its query
-    projection has none); LayerNorms weight 1, bias 0, which is torch's init already."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+class QueCC(RegionAttention):
+    """The paper's compressor: queries from the patches and the question, pooled by a depthwise conv."""
+    needs_question = True
+
+    def __init__(self, tokens, grid, vision_width, llm_width, num_key_layers):
+        super().__init__(tokens, grid, vision_width, num_key_layers, text_width=llm_width)
 
 
 class Standardize(nn.Module):
@@ -147,51 +153,3 @@ class Standardize(nn.Module):
 
     def forward(self, x):
         return None if x is None else (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-
-class AveragePool(nn.Module):
-    def __init__(self, tokens, grid):
-        super().__init__()
-        self.grid, self.side = grid, math.isqrt(tokens)
-
-    def forward(self, patches, multi_level=None, question=None):
-        return from_grid(F.adaptive_avg_pool2d(to_grid(patches, self.grid), self.side))
-
-
-class Identity(nn.Module):
-    def forward(self, patches, multi_level=None, question=None):
-        return patches
-
-
-class Projector(nn.Module):
-    """compressor + mlp2x_gelu. forward(patches, multi_level, question) -> (B, V, llm_width).
-
-    patches:     (B, grid*grid, width)  the select layer (-2), CLS dropped
-    multi_level: (B, grid*grid, len(key_layers)*width), only for quecc/tokenpacker
-    question:    (B, llm_width), the LLM's last hidden state of the question, only for quecc
-    """
-
-    def __init__(self, compressor, tokens, grid, vision_width, llm_width, num_key_layers=4):
-        super().__init__()
-        if compressor not in COMPRESSORS:
-            raise ValueError(f"unknown compressor '{compressor}'; choose from {', '.join(COMPRESSORS)}")
-        check_token_count(tokens, grid, compressor)
-        self.compressor, self.tokens = compressor, tokens
-        self.needs_question, self.needs_multi_level = compressor == "quecc", compressor in ("quecc", "tokenpacker")
-        if compressor == "quecc":
-            self.compress = RegionAttention(tokens, grid, vision_width, num_key_layers, text_width=llm_width)
-        elif compressor == "tokenpacker":
-            self.compress = RegionAttention(tokens, grid, vision_width, num_key_layers)
-        elif compressor == "pool":
-            self.compress = AveragePool(tokens, grid)
-        else:
-            self.compress = Identity()
-        self.to_llm = mlp2x_gelu(vision_width, llm_width)
-        self.standardize_patches = Standardize(vision_width)
-        self.standardize_multi_level = Standardize(num_key_layers * vision_width)
-        if compressor == "tokenpacker":
-            self.apply(tokenpacker_init)
-
-    def forward(self, patches, multi_level=None, question=None):
-        patches, multi_level = self.standardize_patches(patches), self.standardize_multi_level(multi_level)
-        return self.to_llm(self.compress(patches, multi_level, question))

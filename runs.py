@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import benchmarks
 import vlm
-from distributed import barrier
+from distributed import all_ranks, barrier, from_rank0
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
 _held_locks = []
@@ -43,23 +43,43 @@ def lock_directory(directory):
 # ---------------------------------------------------------------- training runs (01, 02)
 
 # What a resume may change: how the run is carried out, not what it computes (the loss does
-# not depend on how a global batch is split or packed; docs/training.md).
+# not depend on how a global batch is split or packed; docs/training.md). --skip-bad-samples only
+# lets a run go on past a record it would stop at; the records a run takes are checked apart (data_change).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "packing", "grad_checkpointing", "image_folder", "feature_cache", "show_samples"}
+                        "packing", "grad_checkpointing", "image_folder", "feature_cache", "show_samples",
+                        "skip_bad_samples", "eval_every", "eval_bench", "eval_limit", "eval_data_root",
+                        "eval_max_new_tokens"}
 
 
-def run_settings(args):
-    """The settings that define a run, stored with each checkpoint and the final output."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+def run_settings(args, world):
+    """The settings that define a run, stored with each checkpoint and the final output. Under
+    --loss-norm llava each micro-batch's mean is averaged, so how a global batch is split (the
+    micro-batch size and the number of processes) changes the loss and defines the run too."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in MAY_CHANGE_ON_RESUME}
+    if args.loss_norm == "llava":
+        settings.update(micro_batch_size=args.micro_batch_size, processes=world)
+    return settings
 
 
 def changed_settings(saved, settings):
     """-> '--name OLD -> NEW' for each setting that differs (a flag added since counts too)."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
+    return [f"{k if k == 'processes' else '--' + k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
             for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
 
 
-def prepare_output_dir(args, rank):
+def stored_runs(directory):
+    """(path, what it stores: settings, data, ...) of each checkpoint and the final output in
+    directory. An unreadable checkpoint is skipped here: it is reported, and skipped, when loaded."""
+    paths = [os.path.join(d, "trainer_state.json") for d in checkpoint_dirs(directory)]
+    for path in filter(os.path.exists, paths + [os.path.join(directory, vlm.CONFIG_FILE)]):
+        try:
+            with open(path) as f:
+                yield path, json.load(f)
+        except (OSError, ValueError):
+            continue
+
+
+def prepare_output_dir(args, rank, world):
     """Lock the output directory and make sure one run never mixes with another there:
     without --resume, a directory holding a run is refused (--overwrite deletes it); with
     --resume, the stored settings must equal this run's. -> True if the run already finished."""
@@ -79,28 +99,40 @@ def prepare_output_dir(args, rank):
     if holds and not args.resume:
         raise SystemExit(f"error: {directory} holds another run ({', '.join(holds)}); pass --resume to continue "
                          "it or --overwrite to delete it and start over")
-    settings = run_settings(args)
-    stored = [os.path.join(d, "trainer_state.json") for d in checkpoint_dirs(directory)] + [final_config]
-    for path in filter(os.path.exists, stored):
-        try:
-            with open(path) as f:
-                saved = json.load(f).get("settings")
-        except (OSError, ValueError):
-            continue  # an unreadable checkpoint is reported, and skipped, when it is loaded
+    settings = run_settings(args, world)
+    for path, stored in stored_runs(directory):
+        saved = stored.get("settings")
         changed = changed_settings(saved, settings) if saved is not None else []
         if changed:
-            raise SystemExit(f"error: --resume would change the run in {directory}: {'; '.join(changed)} "
+            split = any(saved.get(k) != settings.get(k) for k in ("micro_batch_size", "processes"))
+            why = " (under --loss-norm llava how each global batch is split changes the loss)" if split else ""
+            raise SystemExit(f"error: --resume would change the run in {directory}: {'; '.join(changed)}{why} "
                              f"(stored in {path}); use the run's settings, or --overwrite to start over")
     return os.path.exists(final_config)
+
+
+def data_change(directory, data_file, data):
+    """A resumed run must take the records it began with (the file at the same path may have been
+    rewritten, another image folder may hold other images to skip). data: llava_data.write_records'
+    fingerprint. -> why this run's records differ from those stored in directory, or None."""
+    for path, stored in stored_runs(directory):
+        theirs = stored.get("data")
+        if theirs != data:
+            began = f"{theirs['records']} records, sha1 {theirs['sha1']}" if theirs else "not stored (an earlier version)"
+            return (f"--resume would change the run in {directory}: the records taken from {data_file} are not those "
+                    f"it began with ({began} -> {data['records']} records, sha1 {data['sha1']}; stored in {path}); "
+                    "use the run's data file and image folder, or --overwrite to start over")
+    return None
 
 
 def checkpoint_dirs(output_dir):
     return sorted(glob.glob(os.path.join(output_dir, "checkpoints", "step-*[0-9]")))
 
 
-def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
+def save_checkpoint(model, optimizer, step, output_dir, rank, run):
     """Sharded (torch.distributed.checkpoint) so FSDP ranks each write their part. Written to
-    a temporary directory and renamed: a crash mid-write leaves the previous one intact."""
+    a temporary directory and renamed: a crash mid-write leaves the previous one intact.
+    run: what defines the run (settings, data), stored beside the step."""
     final = os.path.join(output_dir, "checkpoints", f"step-{step:07d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -115,7 +147,7 @@ def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "settings": settings}, f)
+            json.dump({"step": step, **run}, f)
         shutil.rmtree(final, ignore_errors=True)  # a run restarted from scratch overwrites
         os.rename(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-2]:  # keep the newest two
@@ -123,10 +155,13 @@ def save_checkpoint(model, optimizer, step, output_dir, rank, settings):
     barrier()
 
 
-def load_newest_checkpoint(model, optimizer, output_dir, rank):
-    """-> the step to continue from (0 if none). A checkpoint that fails to load (truncated,
-    half-deleted) is reported and the one before it is tried."""
-    for directory in reversed(checkpoint_dirs(output_dir)):
+def load_newest_checkpoint(model, optimizer, output_dir, rank, world):
+    """-> the step to continue from (0 if none). Every rank loads the same checkpoint, from rank
+    0's list; one that fails to load on any rank (truncated, half-deleted) is reported and the one
+    before it is tried by all. Ranks a checkpoint has no RNG state for (it was written by fewer
+    processes) keep the state --seed gave them."""
+    for directory in reversed(from_rank0(checkpoint_dirs(output_dir))):
+        error = None
         try:
             options = StateDictOptions(ignore_frozen_params=True)
             state = {"model": get_model_state_dict(model, options=options),
@@ -136,20 +171,31 @@ def load_newest_checkpoint(model, optimizer, output_dir, rank):
             loading = StateDictOptions(ignore_frozen_params=True, strict=False)
             set_model_state_dict(model, state["model"], options=loading)
             set_optimizer_state_dict(model, optimizer, state["optim"], options=loading)
-            rng = torch.load(os.path.join(directory, f"rng-rank{rank}.pt"), weights_only=False)
+            rng_file = os.path.join(directory, f"rng-rank{rank}.pt")
+            rng = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else None
             with open(os.path.join(directory, "trainer_state.json")) as f:
                 step = json.load(f)["step"]
         except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-            print(f"[rank {rank}] checkpoint {directory} is unusable ({type(e).__name__} {reason}); "
-                  "trying the previous one")
+            error = f"[rank {rank}] {type(e).__name__} {reason}".strip()
+        errors = [e for e in all_ranks(error) if e]
+        if errors:
+            if rank == 0:
+                print(f"checkpoint {directory} is unusable ({'; '.join(errors)}); trying the previous one")
             continue
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
-        print(f"[rank {rank}] resumed from {directory} at step {step}")
+        if rng is not None:
+            random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        written_by = len(glob.glob(os.path.join(directory, "rng-rank*.pt")))
+        if rank == 0 and written_by < world:
+            print(f"{directory} was written by {written_by} process(es): rank(s) "
+                  f"{', '.join(map(str, range(written_by, world)))} keep the RNG state of --seed")
+        if rank == 0:
+            print(f"resumed from {directory} at step {step}")
         return step
     if checkpoint_dirs(output_dir):  # a failed load may have written into the weights already
         raise SystemExit(f"error: no checkpoint in {output_dir}/checkpoints could be loaded")
-    print(f"[rank {rank}] no checkpoint in {output_dir}/checkpoints; starting from step 0")
+    if rank == 0:
+        print(f"no checkpoint in {output_dir}/checkpoints; starting from step 0")
     return 0
 
 
@@ -189,11 +235,11 @@ def read_answered(folder):
 
 
 def model_fingerprint(directory):
-    """sha1 of the files that make the model: its config, projector and, when trained, LLM
-    weights (a 7B LLM takes ~10 s to read). Every answer carries it."""
+    """sha1 of the files that make the model's answers: its config, generation settings and weights
+    (stage 1's projector; a model folder's, a 7B LLM's taking ~10 s to read). Every answer carries it."""
     digest = hashlib.sha1()
-    files = [vlm.CONFIG_FILE, vlm.PROJECTOR_FILE] + sorted(
-        os.path.relpath(f, directory) for f in glob.glob(os.path.join(directory, "llm", "*.safetensors")))
+    files = [vlm.CONFIG_FILE] + [name for name in [vlm.GENERATION_CONFIG_FILE] if os.path.exists(os.path.join(
+        directory, name))] + sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))
     for name in files:
         digest.update(name.encode())
         with open(os.path.join(directory, name), "rb") as f:
@@ -271,10 +317,12 @@ def merge_answers(folder, questions):
 
 
 def write_results(output_dir, rows):
-    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone."""
+    """results.jsonl keeps rows of benchmarks evaluated before and replaces those redone. -> its rows."""
     path = os.path.join(output_dir, "results.jsonl")
     old = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     redone = {r["benchmark"] for r in rows}
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in [r for r in old if r["benchmark"] not in redone] + rows)
+        kept = [r for r in old if r["benchmark"] not in redone] + rows
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)  # a kill never leaves half a results file
+    return kept

@@ -9,6 +9,7 @@ tower and the small projector are replicated. What the run keeps on disk to be
 killed and resumed is runs.py; the data file's reading and checks, llava_data.py.
 """
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -29,8 +30,9 @@ from tqdm import tqdm
 import constants
 import conversation
 import distributed
+import evaluation
 import llava_data
-import quecc
+import compressors
 import runs
 import vlm
 
@@ -43,7 +45,7 @@ def parse_args(stage):
     p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
     p.add_argument("--vision", default=VISION, help="hub name, directory, or toy")
     p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
-    p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
+    p.add_argument("--compressor", default="quecc", choices=list(compressors.COMPRESSORS))
     p.add_argument("--data", default=stage["data"], help="LLaVA-format JSON or JSONL")
     p.add_argument("--image-folder", default=stage["image_folder"])
     p.add_argument("--output-dir", help=f"default runs/LLM-COMPRESSOR-vTOKENS/{stage['output']} (LLM: the last part of --llm)")
@@ -80,7 +82,7 @@ def parse_args(stage):
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (toy/features.py)")
-    # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in vlm_config.json
+    # the recipe as LLaVA-1.5 ran it (conversation.py); what is chosen is stored in config.json
     p.add_argument("--conv-template", default="auto", choices=("auto",) + conversation.TEMPLATES,
                    help="auto: stage 1 of tokenpacker/pool/mlp uses LLaVA's plain (image, caption); otherwise the "
                         "LLM's chat template, or LLaVA's vicuna_v1 when it has none (Vicuna-1.5)")
@@ -92,6 +94,13 @@ def parse_args(stage):
                         "micro-batch's mean, averaged (HF Trainer, as in the paper's runs)")
     p.add_argument("--show-samples", type=int, default=0, metavar="N", help="print the first N training records "
                    "as the model sees them (JSON lines: id, text, targets, query) and exit without training")
+    # evaluation while training (evaluation.live_scores): 03_evaluate.py's answers of the live model
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="score the model on --eval-bench every N "
+                   "steps, into log.jsonl (0 = never)")
+    p.add_argument("--eval-bench", metavar="NAMES", help="comma-separated benchmarks, read as 03_evaluate.py reads them")
+    p.add_argument("--eval-limit", type=int, default=0, metavar="K", help="the first K questions of each (0 = all)")
+    p.add_argument("--eval-data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
+    p.add_argument("--eval-max-new-tokens", type=int, default=128)
     args = p.parse_args()
     check_values(p, args)
     if args.qlora and not args.lora:
@@ -108,8 +117,9 @@ def parse_args(stage):
 
 def check_values(p, args):
     """Refuse a value that would train nonsense, in one line, before any model is built."""
-    positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr"]
-    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora", "show_samples"]
+    positive = ["batch_size", "micro_batch_size", "epochs", "max_length", "lr", "eval_max_new_tokens"]
+    non_negative = ["max_steps", "max_grad_norm", "weight_decay", "save_every", "num_workers", "lora", "show_samples",
+                    "eval_every", "eval_limit"]
     for name in positive + non_negative:
         value = getattr(args, name)
         if value < 0 or (value == 0 and name in positive):
@@ -120,6 +130,8 @@ def check_values(p, args):
         p.error(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
+    if bool(args.eval_every) != bool(args.eval_bench):
+        p.error("--eval-every N and --eval-bench NAMES go together")
     if args.packing and args.loss_norm == "llava":
         p.error("--loss-norm llava averages the mean loss of each micro-batch, and --packing changes which samples "
                 "share a micro-batch: use --loss-norm tokens with --packing")
@@ -132,6 +144,16 @@ def check_output_dir(p, args):
         return  # writes nothing
     if os.path.isfile(args.output_dir):
         p.error(f"--output-dir {args.output_dir} is a file")
+    # an output directory that is or holds what the run reads: --overwrite would delete a stage-1
+    # projector, a run would write into its own inputs (a toy preset or hub name is no path)
+    output = os.path.realpath(args.output_dir)
+    local_model = (lambda name: name if os.path.isabs(vlm.loadable(name)) else None)
+    inputs = {"--projector": args.projector, "--data": args.data, "--image-folder": args.image_folder,
+              "--llm": local_model(args.llm), "--vision": local_model(args.vision)}
+    for flag, path in inputs.items():
+        if path and os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
+            p.error(f"--output-dir {args.output_dir} {'is' if os.path.realpath(path) == output else 'holds'} "
+                    f"the {flag} {path} this run reads; write the run to another directory")
     try:  # made now, not after an hour of loading and validating
         os.makedirs(args.output_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output_dir).close()
@@ -150,6 +172,7 @@ def fill_defaults(args, stage):
             raise SystemExit(f"error: {kind} {path} not found; {stage['source']} (docs/data.md)")
     if args.train_llm and args.projector is None and not args.show_samples:  # rendering needs no projector
         stage1 = os.path.join(os.path.dirname(os.path.normpath(args.output_dir)), "stage1")
+        vlm.refuse_earlier_layout(stage1)
         if not os.path.exists(os.path.join(stage1, vlm.CONFIG_FILE)):
             command = ["python", "01_pretrain_projector.py", "--llm", args.llm, "--tokens", str(args.tokens)]
             command += ["--vision", args.vision] if args.vision != VISION else []
@@ -160,16 +183,22 @@ def fill_defaults(args, stage):
         args.projector = stage1
     if args.projector == "none":
         args.projector = None
+    if args.projector and not os.path.exists(os.path.join(args.projector, vlm.CONFIG_FILE)):
+        vlm.refuse_earlier_layout(args.projector)
+        raise SystemExit(f"error: --projector {args.projector} holds no stage-1 output (no {vlm.CONFIG_FILE}); "
+                         "give the output directory of 01_pretrain_projector.py, or --projector none")
 
 
 # ---------------------------------------------------------------- FSDP
 
 def shard_llm(model, compute):
     """FSDP2: each decoder layer is one unit (all-gathered just before it runs), then the rest
-    of the LLM (embeddings, final norm, head) as the root unit. The shards stay fp32 (train.precision);
-    what is gathered for compute is cast to the compute dtype, and gradients are reduced in fp32."""
+    of the LLM (embeddings, final norm, head) as the root unit. The shards keep the weights' dtype (fp32
+    when they train: train.precision); to compute in bf16, what is gathered is cast to bf16 and the
+    gradients are reduced in fp32. In any other compute dtype FSDP computes in the weights' own."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if compute == torch.bfloat16 else MixedPrecisionPolicy()
     for layer in model.llm.get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model.llm, mp_policy=policy)
@@ -332,11 +361,23 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     return len(samples)
 
 
+def reads_question(args):
+    return compressors.COMPRESSORS[args.compressor].needs_question
+
+
 def conv_template(args, tokenizer):
     """--conv-template resolved (conversation.choose_template): QueCC is the compressor that reads
     the question, so stage 1 of any other is text-free."""
     return conversation.choose_template(args.conv_template, tokenizer,
-                                        text_free_stage1=not args.train_llm and args.compressor != "quecc")
+                                        text_free_stage1=not args.train_llm and not reads_question(args))
+
+
+def sample_tokenizer(args, tokenizer):
+    """conversation.tokenize with this run's settings, turns -> sample: what training makes of each
+    record, run on every record before training (llava_data.check_record) and by
+    data_prep/check_llava_data.py --llm."""
+    return functools.partial(conversation.tokenize, tokenizer, num_visual_tokens=args.tokens, max_length=args.max_length,
+                             image_first=not args.image_after_question, template=conv_template(args, tokenizer))
 
 
 def show_samples(args):
@@ -344,15 +385,14 @@ def show_samples(args):
     whole sequence (special tokens kept, the visual span once as <image>), each loss-carrying span,
     and QueCC's question (null for text-free compressors)."""
     tokenizer = vlm.load_tokenizer(args.llm)
-    template = conv_template(args, tokenizer)
+    tokenize = sample_tokenizer(args, tokenizer)
     # skipped records are reported on stderr: stdout is the JSON lines
     records = llava_data.load_records(args.data, args.image_folder, args.skip_bad_samples,
                                       log=lambda message: print(message, file=sys.stderr))
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     for index, record in enumerate(records[:args.show_samples]):
         try:
-            sample = conversation.tokenize(tokenizer, record["conversations"], args.tokens, args.max_length,
-                                           not args.image_after_question, template)
+            sample = tokenize(record["conversations"])
         except ValueError as e:
             raise llava_data.BadSample(f"{llava_data.record_name(args.data, index, record)}: {e}") from None
         ids, labels = sample["input_ids"], sample["labels"]
@@ -360,29 +400,39 @@ def show_samples(args):
                        for key, group in itertools.groupby(ids, lambda i: i != constants.IMAGE_SLOT))
         targets = [decode([ids[i] for i, _ in group]) for labelled, group in
                    itertools.groupby(enumerate(labels), lambda pair: pair[1] != constants.IGNORE) if labelled]
-        query = decode(sample["query_ids"]) if args.compressor == "quecc" else None
+        query = decode(sample["query_ids"]) if reads_question(args) else None
         print(json.dumps(dict(id=record.get("id"), text=text, targets=targets, query=query)))
 
 
 RECORDS_DIR = "records"  # in the output directory while training runs
 
 
-def load_data(args, rank, say):
-    """Rank 0 reads and validates the data, once for all ranks, and writes the records training
-    takes to OUTPUT/records/; every rank then maps that file (llava_data.RecordFile). An error
-    reaches every rank, so none waits for rank 0 forever."""
-    directory, error = os.path.join(args.output_dir, RECORDS_DIR), None
+def load_data(args, rank, say, tokenize):
+    """Rank 0 reads and validates the data (each record rendered and tokenized as training will,
+    in a process per CPU), once for all ranks, and writes the records training takes to
+    OUTPUT/records/; every rank then maps that file (llava_data.RecordFile). A resumed run must
+    take the records it began with (runs.data_change). An error reaches every rank, so none waits
+    for rank 0 forever. -> (records, their fingerprint: llava_data.write_records)"""
+    directory, error, data = os.path.join(args.output_dir, RECORDS_DIR), None, None
     if rank == 0:
         try:
-            records = llava_data.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say)
-            llava_data.write_records((text for _, text in records), directory)
+            records = llava_data.valid_records(args.data, args.image_folder, args.skip_bad_samples, log=say,
+                                               tokenize=tokenize, processes=len(os.sched_getaffinity(0)))
+            data = llava_data.write_records((text for _, text in records), directory)
+            error = runs.data_change(args.output_dir, args.data, data) if args.resume else None
         except (llava_data.BadSample, OSError) as e:
-            error = f"error: {e}"
-    error = distributed.from_rank0(error)
-    if error:  # a clean exit: a live process group aborts the process on its way out
-        distributed.end_distributed()
-        raise SystemExit(error)
-    return llava_data.RecordFile(directory)
+            error = str(e)
+    error, data = distributed.from_rank0((error, data))
+    if error:
+        stop(f"error: {error}")
+    return llava_data.RecordFile(directory), data
+
+
+def stop(message):
+    """Exit with one line, on every rank at once: a live process group aborts the process on its
+    way out, so it ends first."""
+    distributed.end_distributed()
+    raise SystemExit(message)
 
 
 def main(stage):
@@ -406,24 +456,30 @@ def main(stage):
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size {world} "
                          f"x --micro-batch-size {args.micro_batch_size}")
 
+    benches = {name: evaluation.read_benchmark(args.eval_data_root, name)[:args.eval_limit or None]
+               for name in args.eval_bench.split(",")} if args.eval_bench else {}
     with vlm.loading("vision tower", args.vision):
         grid = vlm.vision_grid(args.vision)  # its config alone
     try:  # a token count the compressor cannot make, refused before the models load
-        quecc.check_token_count(args.tokens, grid, args.compressor)
+        compressors.check_token_count(args.tokens, grid, args.compressor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if runs.prepare_output_dir(args, rank):
+    if runs.prepare_output_dir(args, rank, world):
         say(f"{args.output_dir} holds this run, finished; nothing to do")
         return distributed.end_distributed()
 
     # ---- build
-    model, tokenizer, image_processor = build_model(args, llm_dtype, compute)
+    try:
+        model, tokenizer, image_processor = build_model(args, llm_dtype, compute)
+    except vlm.ProjectorMismatch as e:
+        stop(f"error: {e}")
     try:
         template = conv_template(args, tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    # saved with the model (vlm_config.json): 03_evaluate renders and preprocesses as trained
-    model.config.update(conv_template=template, image_aspect=args.image_aspect, loss_norm=args.loss_norm)
+    # saved with the model (config.json): 03_evaluate renders and preprocesses as trained
+    model.config.update(dict(conv_template=template, image_aspect=args.image_aspect, loss_norm=args.loss_norm,
+                             image_first=not args.image_after_question))
     say(f"conversation template {template}, images {args.image_aspect}")
     if world > 1:
         if args.lora or args.qlora:
@@ -436,7 +492,8 @@ def main(stage):
     else:
         model.vision.to(device), model.projector.to(device)
     say(f"precision: {describe_precision(model, compute)}")
-    records = load_data(args, rank, say)
+    records, data = load_data(args, rank, say, sample_tokenizer(args, tokenizer))
+    run = dict(settings=runs.run_settings(args, world), data=data)  # stored with each checkpoint and the output
     cache = None
     if args.feature_cache:  # rank 0 encodes what is missing, the others then read it
         from toy import features
@@ -464,6 +521,7 @@ def main(stage):
         epochs = math.ceil(args.max_steps / len(batches) * args.epochs)
         batches = global_batches(len(dataset), args.batch_size, args.seed, epochs)[:args.max_steps]
     total_steps = len(batches)
+    model.config.steps = total_steps  # for the model card
     warmup = math.ceil(args.warmup_ratio * total_steps)
     lengths = [approximate_length(r, args.tokens) for r in records] if args.group_by_length else None
 
@@ -481,12 +539,12 @@ def main(stage):
     say(f"trainable parameters: {trainable / 1e6:.2f}M; {total_steps} steps of {args.batch_size} samples "
         f"({accumulation} x {args.micro_batch_size} per device x {world} devices)")
 
-    start = runs.load_newest_checkpoint(model, optimizer, args.output_dir, rank) if args.resume else 0
+    start = runs.load_newest_checkpoint(model, optimizer, args.output_dir, rank, world) if args.resume else 0
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:  # keep the log in step with the checkpoint we continue from
         kept = []
-        if start and os.path.exists(log_path):
-            kept = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+        if start and os.path.exists(log_path):  # a line a kill cut short has no newline: it goes
+            kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)
     steps = step_loader(dataset, batches[start:], rank, world, args, accumulation, tokenizer.pad_token_id, lengths)
@@ -544,17 +602,23 @@ def main(stage):
         if peak:
             per_token = training_flops_per_token(model.llm, args.train_llm, tokens_all / samples_all)
             entry["mfu"] = per_token * tokens_all / elapsed / (peak * world)
+        if args.eval_every and (step + 1) % args.eval_every == 0:  # computing as it trains (bf16 on a GPU)
+            model.eval()
+            with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+                entry["eval"] = evaluation.live_scores(model, tokenizer, image_processor, benches,
+                                                       args.eval_data_root, args.eval_max_new_tokens, rank, world, device)
+            model.train()
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.1e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            runs.save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, runs.run_settings(args))
+            runs.save_checkpoint(model, optimizer, step + 1, args.output_dir, rank, run)
 
     # ---- save
-    save_final(model, tokenizer, args, rank)
-    if rank == 0:
-        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR))
+    save_final(model, tokenizer, args, rank, run)
+    if rank == 0:  # ignore_errors: deleted mid-run by hand, training went on from its open mapping
+        shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR), ignore_errors=True)
     say(f"saved {args.output_dir}")
     distributed.end_distributed()
 
@@ -590,10 +654,10 @@ def clip_gradients(groups, max_norm):
     return total
 
 
-def save_final(model, tokenizer, args, rank):
-    """Consolidate (gather FSDP shards, merge LoRA) and write the output directory."""
-    extra = dict(stage=2 if args.train_llm else 1, image_first=not args.image_after_question,
-                 settings=runs.run_settings(args))
+def save_final(model, tokenizer, args, rank, run):
+    """Consolidate (gather FSDP shards, merge LoRA) and write the output directory, with what
+    defines the run (settings, data)."""
+    extra = dict(stage=2 if args.train_llm else 1, **run)
     if not args.train_llm:
         if rank == 0:
             vlm.save(model, tokenizer, args.output_dir, save_llm=False, extra_config=extra)

@@ -1,36 +1,31 @@
-"""Model assembly: a frozen CLIP vision tower, the projector (quecc.py) and a causal LLM.
-
-The token sequence carries IMAGE_SLOT ids where visual tokens go; a hook on
-the LLM's token embedding swaps in the projector's output at exactly those
-positions. There is no per-sample splicing loop: a batch mixing text-only and
-image samples is one masked scatter.
+"""Models from names (a hub name, a local directory, or a toy preset), the output directories of
+01/02 (save, load_pretrained) and batched greedy generation. The model itself (a frozen CLIP vision
+tower, the projector of compressors.py and a causal LLM), its typed config and the loss are
+modeling_vlm.py; the processor a saved model carries is processing_vlm.py.
 """
+import copy
 import json
 import os
-from contextlib import contextmanager
+import re
 import shutil
 import tempfile
-import warnings
+from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil,
+from transformers import (AddedToken, AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessorPil,
                           CLIPVisionConfig, CLIPVisionModel)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import toy
-from constants import IGNORE, IMAGE_SLOT
-from quecc import Projector, key_layers
+from constants import IMAGE_TOKEN
+from modeling_vlm import VLM, VLMConfig
+from processing_vlm import VLMProcessor
+from quecc import key_layers
 
-# VLM.forward asks for hidden states; under FSDP the first (the embedding output) comes back as a
-# view, and FSDP warns that an in-place op on it would skip its hook. Nothing writes into it.
-warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-SELECT_LAYER = -2  # LLaVA-1.5: second-to-last layer of CLIP (--mm_vision_select_layer; docs/sources.md)
-CONFIG_FILE, PROJECTOR_FILE = "vlm_config.json", "projector.safetensors"
+CONFIG_FILE, PROJECTOR_FILE, CARD_FILE = "config.json", "projector.safetensors", "README.md"
+GENERATION_CONFIG_FILE, WEIGHT_FILES = "generation_config.json", ("model.safetensors", "model.safetensors.index.json")
+# the layout before model folders (convert_model.py): vlm_config.json, and in stage 2 the LLM under llm/
+LEGACY_CONFIG_FILE, LEGACY_LLM_DIR = "vlm_config.json", "llm"
 
 
 def load_tokenizer(name):
@@ -38,6 +33,9 @@ def load_tokenizer(name):
     a chat template is fine: conversation.py renders LLaVA's vicuna_v1 for it (Vicuna-1.5)."""
     if toy.is_toy(name):
         return toy.build_tokenizer()
+    if is_output(name):  # its config.json would have transformers ask to run the folder's code, then fail
+        raise SystemExit(f"error: --llm {name} is an output of 01/02 (a VLM), not an LLM; give the LLM it was "
+                         f"trained from: {read_config(name).llm}")
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -86,170 +84,6 @@ def vision_grid(name):
     return config.image_size // config.patch_size
 
 
-class VLM(nn.Module):
-    def __init__(self, llm, vision, projector, config):
-        super().__init__()
-        self.llm, self.vision, self.projector, self.config = llm, vision, projector, config
-        self.vision.requires_grad_(False)  # frozen in both stages: never trained, never in the optimizer
-        if llm.config._attn_implementation == "sdpa":  # the same sdpa; a packed batch one sample at a time
-            llm.config._attn_implementation = PER_SAMPLE
-        self._pending = None
-        llm.get_input_embeddings().register_forward_hook(self._insert_visual)
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values):
-        """-> patches (B, grid^2, C) of the select layer and, if the projector uses them,
-        the key layers concatenated on channels (B, grid^2, 4C). CLS is dropped."""
-        self.vision.eval()
-        states = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True).hidden_states
-        patches = states[self.config["select_layer"]][:, 1:]
-        multi_level = None
-        if self.projector.needs_multi_level:
-            multi_level = torch.cat([states[i][:, 1:] for i in self.config["key_layers"]], dim=-1)
-        return patches, multi_level
-
-    @torch.no_grad()
-    def question_embedding(self, query_ids, query_mask):
-        """The LLM's final hidden state (after its last norm) at the last token of the question,
-        no gradient, as in the paper. Called through the whole LLM, not its decoder alone, so
-        FSDP gathers the weights; logits_to_keep=1 leaves the LM head nearly idle."""
-        out = self.llm(input_ids=query_ids, attention_mask=query_mask, output_hidden_states=True,
-                       logits_to_keep=1)
-        last = query_mask.sum(1) - 1  # right-padded
-        return out.hidden_states[-1][torch.arange(len(last)), last]
-
-    def visual_tokens(self, pixel_values, question=None, features=None):
-        """-> (B, V, d_llm). question: (B, d_llm) for quecc. features: precomputed
-        encode_images output (a feature cache) instead of pixel_values."""
-        patches, multi_level = features if features is not None else self.encode_images(pixel_values)
-        dtype = next(self.projector.parameters()).dtype
-        cast = (lambda t: None if t is None else t.to(dtype))
-        return self.projector(cast(patches), cast(multi_level), cast(question))
-
-    def _insert_visual(self, embedding, inputs, output):
-        """Forward hook on the LLM's token embedding: writes the pending visual tokens into
-        the IMAGE_SLOT positions. It runs inside the LLM's own forward, so under FSDP the
-        (sharded, maybe tied) embedding is already gathered. One-shot, so generation's later
-        steps, which embed only new tokens, are left alone."""
-        if self._pending is None:
-            return output
-        slots, visual = self._pending
-        self._pending = None
-        return output.masked_scatter(slots[..., None], visual.to(output.dtype))
-
-    @contextmanager
-    def armed(self, input_ids, visual):
-        """Arm the embedding hook with `visual` (B_img, V, d) for the LLM forward run inside the
-        `with`: -> ids the embedding can look up. Disarmed on exit, whatever happened."""
-        slots = input_ids == IMAGE_SLOT
-        self._pending = (slots, visual) if visual is not None else None
-        try:
-            yield input_ids.masked_fill(slots, 0)
-        finally:
-            self._pending = None
-
-    @contextmanager
-    def inputs(self, input_ids, query_ids, query_mask, has_image, pixel_values=None, features=None):
-        """The one way in, for training and generation alike: the question embedding and visual
-        tokens of a batch, then the ids to run the LLM on, the hook armed inside the `with`."""
-        question = visual = None
-        if self.projector.needs_question:  # every sample, so FSDP ranks run the LLM alike
-            question = self.question_embedding(query_ids, query_mask)[has_image]
-        if has_image.any():
-            visual = self.visual_tokens(pixel_values, question, features)
-        with self.armed(input_ids, visual) as ids:
-            yield ids
-
-    def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
-                pixel_values=None, features=None, position_ids=None):
-        """-> (sum of token losses, number of label tokens). The caller divides, so the loss
-        can be normalised over a whole global batch, however it is split.
-        Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
-        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM.
-        position_ids: a packed batch (conversation.collate_rows), rows of samples whose positions
-        restart at 0 with each; attention_mask then only marks its real tokens."""
-        # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
-        # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
-        # final hidden states after the last norm, its own head on one position only. The head
-        # runs below, on the label positions.
-        with self.inputs(input_ids, query_ids, query_mask, has_image, pixel_values, features) as ids:
-            hidden = self.llm(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
-                              **attention_inputs(attention_mask, position_ids)).hidden_states[-1]
-        targets = labels[:, 1:]
-        at_label = targets != IGNORE  # position t predicts label t + 1
-        loss = label_loss(self.llm.get_output_embeddings(), hidden[:, :-1][at_label], targets[at_label])
-        return loss, at_label.sum()
-
-
-def attention_inputs(attention_mask, position_ids=None):
-    """The LLM's masking inputs for a training forward. Padded: the padding mask. Packed: no mask
-    but position ids that restart with each sample, from which transformers builds a block-diagonal
-    causal mask (masking_utils.find_packed_sequence_indices) that any attention honours; and where
-    each sample starts in the rows laid end to end (cu_seq_lens, FlashAttention's variable-length
-    inputs), with which attend_per_sample and FlashAttention attend within each sample's span
-    instead of computing the whole masked square of a row. transformers builds the mask only when
-    the forward has no cache, and a training forward would make one (the config's use_cache):
-    hence use_cache=False, which changes nothing else."""
-    if position_ids is None:
-        return dict(attention_mask=attention_mask, use_cache=False)
-    starts = (position_ids.flatten() == 0).nonzero().flatten()
-    bounds = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).int()
-    longest = int(bounds.diff().max())
-    return dict(position_ids=position_ids, use_cache=False, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
-                max_length_q=longest, max_length_k=longest)
-
-
-PER_SAMPLE = "sdpa_per_sample"  # the attention implementation VLM gives an sdpa LLM
-
-
-def attend_per_sample(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
-    """transformers' sdpa, but a packed batch (cu_seq_lens_q, attention_inputs) attends one sample at
-    a time, over its own span: under the block-diagonal mask sdpa computes each row's whole square
-    and discards the rest, on a CPU 3.7x the attention of 2048 tokens of three samples (measured
-    in docs/training.md). -> (output (rows, length, heads, head width), None), as sdpa's."""
-    if cu_seq_lens_q is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows, _, length, _ = query.shape
-    tokens = [t.transpose(1, 2).flatten(0, 1) for t in (query, key, value)]  # (rows x length, heads, width)
-    bounds = cu_seq_lens_q.tolist()
-    spans = [sdpa_attention_forward(module, *(t[a:b].transpose(0, 1)[None] for t in tokens), None, **kwargs)[0][0]
-             for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(spans).unflatten(0, (rows, length)), None
-
-
-AttentionInterface.register(PER_SAMPLE, attend_per_sample)
-AttentionMaskInterface.register(PER_SAMPLE, sdpa_mask)  # padded batches: sdpa's own masks
-
-
-LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by label_loss: 128 MiB in fp32, whatever the vocabulary
-
-
-def label_loss(head, hidden, targets):
-    """Sum of the cross-entropies of head(hidden) (N, vocabulary) against targets (N,), computed
-    in chunks of rows. With more than one chunk, each chunk's logits are freed after its forward
-    and recomputed in backward (checkpoint), so at most one chunk of logits exists at a time.
-    N = 0 still gives a loss in the graph: every FSDP rank runs the same backward."""
-    rows = max(1, LOGITS_PER_CHUNK // head.out_features)
-    chunks = list(zip(hidden.split(rows), targets.split(rows)))
-
-    def chunk_loss(h, t):
-        return nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
-    if len(chunks) == 1:
-        return chunk_loss(*chunks[0])
-    return sum(checkpoint(chunk_loss, h, t, use_reentrant=False) for h, t in chunks)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, batch, max_new_tokens=128):
-    """Greedy answers (LLaVA-1.5 evaluation: temperature 0, one beam) for a left-padded batch
-    from conversation.collate(..., left=True). -> list of strings."""
-    with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
-                      batch.get("pixel_values"), batch.get("features")) as input_ids:
-        out = model.llm.generate(input_ids=input_ids, attention_mask=batch["attention_mask"], do_sample=False,
-                                 num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
-
-
 @contextmanager
 def loading(what, name):
     """A model that cannot be loaded (a wrong name, no network, a gated repository, a folder that
@@ -261,6 +95,7 @@ def loading(what, name):
         raise SystemExit(f"error: cannot load the {what} {name}: {reason}") from None
 
 
+
 def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_config=None):
     """Everything from names -> (VLM, tokenizer, image_processor)."""
     with loading("LLM", llm_name):
@@ -269,38 +104,81 @@ def build(llm_name, vision_name, tokens, compressor, dtype=None, quantization_co
     with loading("vision tower", vision_name):
         vision, image_processor = load_vision(vision_name)
     model = assemble(llm, vision, tokens, compressor, llm_name, vision_name)
-    model.config["llm_dtype"] = str(stored).removeprefix("torch.")
+    model.config.llm_dtype = str(stored).removeprefix("torch.")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, image_processor
 
 
 def assemble(llm, vision, tokens, compressor, llm_name, vision_name):
     """A VLM around models already built (the benches build theirs from configs alone)."""
     vcfg = vision.config
-    grid = vcfg.image_size // vcfg.patch_size
-    config = dict(llm=llm_name, vision=vision_name, tokens=tokens, compressor=compressor, grid=grid,
-                  select_layer=SELECT_LAYER, key_layers=key_layers(vcfg.num_hidden_layers),
-                  vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size)
-    projector = Projector(compressor, tokens, grid, vcfg.hidden_size, llm.config.hidden_size,
-                          len(config["key_layers"]))
-    return VLM(llm, vision, projector, config)
+    # copies of the models' configs: the VLM's init sets the attention implementation of its sub-configs
+    config = VLMConfig(llm=loadable(llm_name), vision=loadable(vision_name), tokens=tokens, compressor=compressor,
+                       grid=vcfg.image_size // vcfg.patch_size, key_layers=key_layers(vcfg.num_hidden_layers),
+                       vision_width=vcfg.hidden_size, llm_width=llm.config.hidden_size,
+                       text_config=copy.deepcopy(llm.config), vision_config=copy.deepcopy(vcfg))
+    return VLM(config, llm, vision)
+
+
+def loadable(name):
+    """A model's name as it loads from any working directory: a local path made absolute (as typed,
+    a relative one breaks elsewhere), a hub name or toy preset as it is."""
+    return name if toy.is_toy(name) or not os.path.exists(name) else os.path.abspath(name)
 
 
 def model_name(name):
-    """The last path component: a hub name and its downloaded directory name one model."""
-    return os.path.basename(os.path.normpath(name))
+    """What names one model across machines: the last path component, so a hub name and its
+    downloaded directory are one model; but the whole path for the llm/ of an output of the earlier
+    layout, which every stage-2 output had."""
+    name = os.path.normpath(name)
+    return os.path.abspath(name) if os.path.basename(name) == LEGACY_LLM_DIR else os.path.basename(name)
+
+
+class ProjectorMismatch(ValueError):
+    """A projector built for another model; the message names its directory."""
+
+
+def refuse_earlier_layout(directory):
+    """An output of the layout before model folders (vlm_config.json) stops with the command that
+    converts it."""
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)) and os.path.exists(
+            os.path.join(directory, LEGACY_CONFIG_FILE)):
+        raise SystemExit(f"error: {directory} is a 01/02 output in the layout before Hugging Face model folders "
+                         f"({LEGACY_CONFIG_FILE}); convert it once: python convert_model.py {directory}")
+
+
+def is_output(directory):
+    """A 01/02 output directory (its config.json is a VLMConfig)."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_type") == VLMConfig.model_type
+
+
+def read_config(directory):
+    """The typed config of a 01/02 output directory."""
+    refuse_earlier_layout(directory)
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
+    if not is_output(directory):
+        raise SystemExit(f"error: cannot load the model {directory}: its {CONFIG_FILE} is not a 01/02 output's")
+    return VLMConfig.from_json_file(path)
 
 
 def load_projector(model, directory):
     """Stage 2 starts from the stage-1 projector; refuse one built for another model."""
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        saved = json.load(f)
+    saved = read_config(directory)
     for key in ("tokens", "compressor", "grid", "vision_width", "llm_width", "llm", "vision"):
-        ours, theirs = model.config[key], saved[key]
+        ours, theirs = getattr(model.config, key), getattr(saved, key)
         if key in ("llm", "vision") and model_name(ours) != model_name(theirs):
-            raise ValueError(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained for --{key} {theirs}, this run has --{key} {ours}")
         if key not in ("llm", "vision") and ours != theirs:
-            raise ValueError(f"{directory}: projector was trained with {key}={theirs}, "
-                             f"this run has {key}={ours}")
+            raise ProjectorMismatch(f"{directory}: projector was trained with {key}={theirs}, "
+                                    f"this run has {key}={ours}")
+    if not os.path.exists(os.path.join(directory, PROJECTOR_FILE)):
+        raise SystemExit(f"error: {directory} holds no {PROJECTOR_FILE}: a projector comes from 01_pretrain_projector.py")
     model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)))
 
 
@@ -315,39 +193,27 @@ def cast_state(state, dtype):
 
 
 def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=None):
-    """The output directory: vlm_config.json, projector.safetensors and, unless only the
-    projector was trained, the LLM and tokenizer in Hugging Face format under llm/.
+    """The output directory, its config updated with extra_config. Stage 1 (save_llm False, only the
+    projector trained): config.json, projector.safetensors and the tokenizer under tokenizer/. Stage 2:
+    a Hugging Face model folder that runs without this repository (write_model_folder).
     llm_state: a full (gathered) state dict when the live LLM is sharded.
 
-    The LLM is saved in the dtype its checkpoint came in (config llm_dtype: bf16 for Qwen1.5, fp16
-    for Vicuna-1.5, fp32 for the toy presets), though it trained in fp32: the output then stands in
-    for the model it started from, at that model's size on disk (LLaVA saves bf16). The fp32
-    weights and optimizer states of a run live on in its checkpoints/ (--save-every). The
-    projector, small, is saved in fp32.
-
-    Everything is written to DIR/.saving first and moved into place with vlm_config.json
-    last: a directory with vlm_config.json is complete, and a kill mid-save leaves none."""
+    Everything is written to DIR/.saving first and moved into place with config.json last: a
+    directory with config.json is complete, and a kill mid-save leaves none."""
     staging = os.path.join(directory, ".saving")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    config = dict(model.config, **(extra_config or {}))
+    model.config.update(extra_config or {})
     if save_llm:
-        dtype = config.setdefault("llm_dtype", "float32")
-        state = model.llm.state_dict() if llm_state is None else llm_state
-        model.llm.save_pretrained(os.path.join(staging, "llm"), state_dict=cast_state(state, getattr(torch, dtype)))
-        llm_config = os.path.join(staging, "llm", "config.json")  # it records the live model's fp32
-        with open(llm_config) as f:
-            saved = json.load(f)
-        with open(llm_config, "w") as f:
-            json.dump(dict(saved, dtype=dtype), f, indent=2)
-        config["llm_dir"] = "llm"
-    tokenizer.save_pretrained(os.path.join(staging, "llm" if save_llm else "tokenizer"))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
-    save_file(state, os.path.join(staging, PROJECTOR_FILE))
-    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-    if os.path.exists(os.path.join(directory, CONFIG_FILE)):
-        os.remove(os.path.join(directory, CONFIG_FILE))  # an earlier output, incomplete from here on
+        write_model_folder(model, tokenizer, staging, llm_state)
+    else:
+        tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+        save_file(state, os.path.join(staging, PROJECTOR_FILE))
+        model.config.to_json_file(os.path.join(staging, CONFIG_FILE))
+    for name in (CONFIG_FILE, PROJECTOR_FILE) + WEIGHT_FILES:  # an earlier output: incomplete from here on,
+        if os.path.exists(os.path.join(directory, name)):     # and none of its weights left to load
+            os.remove(os.path.join(directory, name))
     for name in sorted(os.listdir(staging), key=lambda n: n == CONFIG_FILE):
         target = os.path.join(directory, name)
         if os.path.isdir(target):
@@ -356,16 +222,111 @@ def save(model, tokenizer, directory, save_llm, extra_config=None, llm_state=Non
     os.rmdir(staging)
 
 
-def load_pretrained(directory, dtype=None):
-    """An output directory of 01/02 -> (VLM, tokenizer, image_processor), ready for inference."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: cannot load the model {directory}: no {CONFIG_FILE}; is this a 01/02 output directory?")
+def write_model_folder(model, tokenizer, directory, llm_state=None):
+    """Stage 2's output: config.json (with auto_map), model.safetensors (llm.*, vision.*, projector.*),
+    generation_config.json, the processor (tokenizer with an added <image> token, image processor,
+    processor_config.json), the model and processor code (modeling_vlm.py, processing_vlm.py and the
+    modules they import) and README.md, a model card.
+
+    The LLM is saved in the dtype its checkpoint came in (config llm_dtype: bf16 for Qwen1.5, fp16
+    for Vicuna-1.5, fp32 for the toy presets), though it trained in fp32: the output then stands in
+    for the model it started from, at that model's size on disk (LLaVA saves bf16), and loads in that
+    dtype (config.json's dtype). The fp32 weights and optimizer states of a run live on in its
+    checkpoints/ (--save-every). The projector, small, is saved in fp32; the frozen vision tower as
+    its source holds it (the live copy may be held in bf16, train.precision)."""
+    config = model.config
+    with loading("vision tower", config.vision):
+        vision, image_processor = load_vision(config.vision)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config.text_config = copy.deepcopy(model.llm.config)  # as it is now: LoRA merged, QLoRA dequantized
+    llm_state = model.llm.state_dict() if llm_state is None else llm_state
+    state = {f"llm.{k}": v for k, v in cast_state(llm_state, getattr(torch, config.llm_dtype)).items()}
+    state.update({f"vision.{k}": v for k, v in vision.state_dict().items()})
+    state.update({f"projector.{k}": v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()})
+    model.save_pretrained(directory, state_dict=state)
+    VLMProcessor(image_processor, tokenizer, config.tokens, config.conv_template, config.image_first,
+                 config.image_aspect, model.projector.needs_question).save_pretrained(directory)
+    path = os.path.join(directory, CONFIG_FILE)  # save_pretrained records the live model's dtype (fp32)
     with open(path) as f:
-        config = json.load(f)
-    llm_name = os.path.join(directory, config["llm_dir"]) if "llm_dir" in config else config["llm"]
-    model, tokenizer, image_processor = build(llm_name, config["vision"], config["tokens"],
-                                              config["compressor"], dtype)
-    model.config = config
-    load_projector(model, directory)
-    return model, tokenizer, image_processor
+        saved = json.load(f)
+    with open(path, "w") as f:
+        json.dump(dict(saved, dtype=config.llm_dtype, text_config=dict(saved["text_config"], dtype=config.llm_dtype)),
+                  f, indent=2)
+    write_model_card(directory, config)
+
+
+def write_model_card(directory, config, results=()):
+    """DIR/README.md, the model card the Hub shows: what the model is, how it was trained, how to run
+    it, and its scores (results: the rows of 03_evaluate.py's results.jsonl). Replaced, not written
+    through: in a Hub cache it is a link to a shared file."""
+    settings = config.settings or {}
+    hub_name = re.fullmatch(r"[\w.-]+/[\w.-]+", config.llm) and not os.path.isdir(config.llm)
+    trained = f"{config.steps} steps of {settings.get('batch_size')} samples, lr {settings.get('lr')}" \
+        if config.steps else "-"
+    lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+             *([f"base_model: {config.llm}"] if hub_name else []), "tags: [llava, quecc, visual-token-compression]", "---",
+             "", f"# {model_name(config.llm)}-{config.compressor}-v{config.tokens}", "",
+             f"A LLaVA-1.5-style vision-language model: the frozen vision tower's patches, compressed by "
+             f"`{config.compressor}` to V = {config.tokens} visual token{'s' * (config.tokens > 1)} per image, feed the "
+             "LLM. Trained with the reference implementation of *Inference Optimal VLMs Need Only One Visual Token "
+             "but Larger Models* (Li, Goyal, Semedo, Kolter, 2024).", "",
+             "| | |", "|---|---|",
+             f"| base LLM | `{config.llm}` (saved in {config.llm_dtype}) |",
+             f"| vision tower | `{config.vision}` (frozen; layer {config.select_layer}, {config.grid}x{config.grid} patches) |",
+             f"| compressor | `{config.compressor}`, V = {config.tokens} |",
+             f"| prompt | template `{config.conv_template}`, image {'before' if config.image_first else 'after'} the "
+             f"question, images {config.image_aspect} |",
+             f"| data | `{settings.get('data', '-')}` |",
+             f"| training | stage {config.stage}: {trained} |", "",
+             "## Use", "", "```python",
+             "from PIL import Image",
+             "from transformers import AutoModelForImageTextToText, AutoProcessor",
+             'folder = "."  # this folder, or its name on the Hub',
+             "model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)",
+             "processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)",
+             'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
+             "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+             'inputs = processor(images=[Image.open("photo.jpg")], text=prompt, return_tensors="pt")',
+             "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
+             'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+    if results:
+        lines += ["## Scores (03_evaluate.py)", "", "| benchmark | metric | score |", "|---|---|---|"]
+        lines += [f"| {r['benchmark']} | {r['metric']} | {r['score']:.2f} |" for r in results]
+        lines.append("")
+    with open(os.path.join(directory, CARD_FILE + ".tmp"), "w") as f:
+        f.write("\n".join(lines))
+    os.replace(os.path.join(directory, CARD_FILE + ".tmp"), os.path.join(directory, CARD_FILE))
+
+
+def is_model_folder(directory):
+    """A stage-2 output (a Hugging Face model folder), not stage 1's projector."""
+    return any(os.path.exists(os.path.join(directory, name)) for name in WEIGHT_FILES)
+
+
+def load_pretrained(directory, dtype=None):
+    """An output directory of 01/02 -> (VLM, tokenizer, image_processor), ready for inference. A
+    model folder (02) loads with Hugging Face's from_pretrained, its LLM in the dtype it was saved
+    in unless dtype says otherwise; a projector (01) on the LLM and tower it was trained for."""
+    config = read_config(directory)
+    if not is_model_folder(directory):
+        model, tokenizer, image_processor = build(config.llm, config.vision, config.tokens, config.compressor, dtype)
+        model.config = config
+        load_projector(model, directory)
+        return model, tokenizer, image_processor
+    with loading("model", directory):
+        model = VLM.from_pretrained(directory, dtype=dtype)
+        processor = VLMProcessor.from_pretrained(directory, config=config)  # config: its tokenizer needs no auto_map
+    return model, processor.tokenizer, processor.image_processor
+
+
+@torch.no_grad()
+def generate(model, tokenizer, batch, max_new_tokens=128, synced=False):
+    """Greedy answers (LLaVA-1.5 evaluation: temperature 0, one beam) for a left-padded batch
+    from conversation.collate(..., left=True). -> list of strings. synced: every process runs every
+    decoding step until all are done, as the sharded LLM under FSDP needs (transformers' synced_gpus)."""
+    out = model.generate(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["query_ids"],
+                         batch["query_mask"], batch.get("features"), do_sample=False, num_beams=1,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]

@@ -24,7 +24,7 @@ import vlm  # noqa: E402
 def make_batch(model, tokenizer, images, image_processor, question, device):
     samples = []
     for image in images:
-        sample = conversation.prompt(tokenizer, question, model.config["tokens"], model.config.get("image_first", True))
+        sample = conversation.prompt(tokenizer, question, model.config.tokens, model.config.image_first)
         sample["pixel_values"] = conversation.load_image(image, image_processor)
         samples.append(sample)
     batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
@@ -56,7 +56,7 @@ def main():
             batch = make_batch(model, tokenizer, images[:b], image_processor, args.question, args.device)
 
             def run(new, batch=batch, projector=projector, v=v):
-                model.projector, model.config["tokens"] = projector, v
+                model.projector, model.config.tokens = projector, v
                 model.llm.generation_config.min_new_tokens = new  # fixed-length answers
                 vlm.generate(model, tokenizer, batch, max_new_tokens=new)
             calls[(v, b, 1)] = lambda run=run: run(1)

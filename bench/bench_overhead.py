@@ -29,7 +29,7 @@ STAGES = ("vision", "query", "projector", "prefill")
 def stage_calls(model, tokenizer, pixels, question):
     """-> {stage: fn} for one batch of images through `model`'s current projector."""
     b = len(pixels)
-    sample = conversation.prompt(tokenizer, question, model.config["tokens"], model.config.get("image_first", True))
+    sample = conversation.prompt(tokenizer, question, model.config.tokens, model.config.image_first)
     device = pixels.device
     ids = torch.tensor([sample["input_ids"]] * b, device=device)
     mask = torch.ones_like(ids)
@@ -54,7 +54,7 @@ def stage_calls(model, tokenizer, pixels, question):
     if embedding is not None:
         calls["query"] = lambda: model.question_embedding(query, torch.ones_like(query))
     calls.update(projector=project, prefill=prefill)
-    info = dict(prompt_tokens=len(sample["input_ids"]), text_tokens=len(sample["input_ids"]) - model.config["tokens"],
+    info = dict(prompt_tokens=len(sample["input_ids"]), text_tokens=len(sample["input_ids"]) - model.config.tokens,
                 query_tokens=len(sample["query_ids"]))
     return calls, info
 

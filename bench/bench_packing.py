@@ -1,7 +1,7 @@
 """Benchmark: padding and real (non-padding) tokens per second of a training step on LLaVA-665K's
 length mix, at V = 4 and V = 576: plain (train.py's default), --group-by-length and --packing, side
 by side in one run; and packing with transformers' block-diagonal mask under sdpa in place of
-vlm.attend_per_sample (packing_mask).
+modeling_vlm.attend_per_sample (packing_mask).
 
 The lengths. docs/data.md records no token lengths of llava_v1_5_mix665k.json (the file is not
 here), so they are synthesised: the released file's records per image folder (COCO 364,100, VG
@@ -42,6 +42,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2Fo
 from common import CLIP_L_336, QWEN1_5_0_5B, clock, common_args, int_list, machine, print_table, setup, sync, write_json
 
 import conversation  # noqa: E402  (common put the repository on the path)
+import modeling_vlm  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 from bench_train_step import step  # noqa: E402
@@ -159,7 +160,7 @@ def measure(args, tokens, rounds):
     batches = train.global_batches(len(samples), args.batch_size, seed=0, epochs=1)[:args.steps]
     step_samples = list(samples)
     for i in (i for batch in batches for i in batch[::args.world]):  # rank 0's shares
-        step_samples[i] = with_features(samples[i], model.config["grid"], CLIP_L_336["hidden_size"], generator)
+        step_samples[i] = with_features(samples[i], model.config.grid, CLIP_L_336["hidden_size"], generator)
     timed = {mode: [on_device(b, args.device) for batch in batches for b in
                     micro_batches(mode, step_samples, batch, args.world, args.micro_batch, args.max_length)]
              for mode in TIMED}
@@ -169,13 +170,13 @@ def measure(args, tokens, rounds):
     for _ in range(rounds):
         for k in range(len(timed["plain"])):
             for mode in TIMED:  # packing_mask: sdpa under the block-diagonal mask, every row's whole square
-                model.llm.config._attn_implementation = "sdpa" if mode == "packing_mask" else vlm.PER_SAMPLE
+                model.llm.config._attn_implementation = "sdpa" if mode == "packing_mask" else modeling_vlm.PER_SAMPLE
                 sync(args.device)
                 start = now()
                 step(model, timed[mode][k], "labels", args.device)
                 sync(args.device)
                 seconds[mode][k] = min(seconds[mode][k], now() - start)
-    model.llm.config._attn_implementation = vlm.PER_SAMPLE
+    model.llm.config._attn_implementation = modeling_vlm.PER_SAMPLE
     rows = []
     for mode in TIMED:
         real = sum(b["attention_mask"].sum().item() for b in timed[mode])

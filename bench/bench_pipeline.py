@@ -11,7 +11,6 @@ the torchrun process tree, in which each rank is one process).
     python bench/bench_pipeline.py --out out/bench_pipeline.json
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -72,13 +71,11 @@ def main():
                 run_stage("evaluation batch", ["03_evaluate.py", "--model", stage2, "--bench", bench,
                                                "--data-root", root, "--output-dir", os.path.join(work, "answers"),
                                                "--batch-size", "1", "--max-new-tokens", "4"], n)]
-        with open(os.path.join(stage2, vlm.CONFIG_FILE)) as f:
-            config = json.load(f)
-        with open(os.path.join(stage2, "llm", "config.json")) as f:
-            config["vocabulary"] = json.load(f)["vocab_size"]
+        config = vlm.read_config(stage2)
+        config.vocabulary = config.text_config.vocab_size
     print_table(["stage", "seconds", "largest process GB"],
                 [[r["stage"], f"{r['seconds']:.0f}", f"{r['peak_rss_gb']:.2f}"] for r in rows])
-    shapes = {k: config[k] for k in ("tokens", "grid", "key_layers", "vision_width", "llm_width", "vocabulary")}
+    shapes = {k: getattr(config, k) for k in ("tokens", "grid", "key_layers", "vision_width", "llm_width", "vocabulary")}
     print(f"shapes: {shapes}")
     write_json(args.out, dict(benchmark="pipeline", processes=n, shapes=shapes, rows=rows))
 

@@ -12,6 +12,7 @@ The answers of both paths are compared, too (tests/test_static_query.py checks i
 
     python bench/bench_static_query.py --out out/bench_static_query.json
 """
+import copy
 import time
 
 from common import (QUESTION, build_model, common_args, describe_llm, int_list, machine, print_table, setup,
@@ -40,7 +41,8 @@ def main():
 
     calls, rows, setup_ms, equal = {}, [], {}, {}
     for image_first in (True, False):
-        config = dict(model.config, image_first=image_first)
+        config = copy.deepcopy(model.config)
+        config.image_first = image_first
         sample = conversation.prompt(tokenizer, args.question, args.tokens, image_first)
         statics = {}
         for b in bs:
@@ -52,12 +54,12 @@ def main():
             for b in bs:
                 def plain(b=b, g=g, config=config):
                     model.config = config
-                    model.llm.generation_config.min_new_tokens = g
+                    model.generation_config.min_new_tokens = g
                     return plain_answers(model, tokenizer, image_processor, args.question, images, b, g)
 
                 def static(b=b, g=g, config=config, statics=statics):
                     model.config = config
-                    model.llm.generation_config.min_new_tokens = g
+                    model.generation_config.min_new_tokens = g
                     statics[b].max_new_tokens = g
                     return statics[b].answer(images)
                 calls[(image_first, g, b, "plain")] = plain

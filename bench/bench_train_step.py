@@ -34,6 +34,7 @@ from common import (CLIP_L_336, QWEN1_5_0_5B, clock, common_args, machine, print
 
 import constants  # noqa: E402  (common put the repository on the path)
 import conversation  # noqa: E402
+import modeling_vlm  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 
@@ -48,7 +49,7 @@ def all_positions_loss(model, batch):
     position, then the loss where labels are. -> (sum of token losses, number of label tokens)."""
     with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
                       batch.get("pixel_values"), batch.get("features")) as ids:
-        masking = vlm.attention_inputs(batch["attention_mask"], batch.get("position_ids"))
+        masking = modeling_vlm.attention_inputs(batch["attention_mask"], batch.get("position_ids"))
         logits = model.llm(input_ids=ids, **masking).logits
     targets = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),

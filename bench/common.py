@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import toy  # noqa: E402
 import vlm  # noqa: E402
-from quecc import Projector  # noqa: E402
+from compressors import Projector  # noqa: E402
 
 # bench presets in toy's format (hidden, layers, heads, kv heads, mlp): linear layers dominate
 BENCH_PRESETS = {"bench-wide": (512, 4, 8, 4, 2048)}
@@ -135,9 +135,9 @@ def swap_projector(model, compressor, tokens):
     memory for every compressor."""
     c = model.config
     old = next(model.projector.parameters())
-    model.projector = Projector(compressor, tokens, c["grid"], c["vision_width"], c["llm_width"],
-                                len(c["key_layers"])).to(device=old.device, dtype=old.dtype).eval()
-    model.config = dict(c, tokens=tokens, compressor=compressor)
+    model.projector = Projector(compressor, tokens, c.grid, c.vision_width, c.llm_width,
+                                len(c.key_layers)).to(device=old.device, dtype=old.dtype).eval()
+    c.update(dict(tokens=tokens, compressor=compressor))
     return model
 
 

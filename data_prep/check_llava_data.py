@@ -1,12 +1,15 @@
 """Check a LLaVA data layout before a GPU-hour is spent on it (docs/data.md).
 
     python data_prep/check_llava_data.py            # both stages' default files under data/
+    python data_prep/check_llava_data.py --llm Qwen/Qwen1.5-7B-Chat --tokens 4   # as those runs tokenize
     python data_prep/check_llava_data.py --data data/llava_v1_5_mix665k.json --image-folder data \\
         --write-clean data/llava_v1_5_mix665k.clean.json
 
 For each file: records per image folder (the first part of the image path: coco, gqa, ocr_vqa,
 textvqa, vg), missing and unreadable images, records training would refuse (the same check
-01/02 run), each with record ids; and LLaVA's known trap, OCR-VQA images stored as .gif/.png
+01/02 run; with --llm also each record rendered and tokenized as that run will, which refuses what
+its template or --max-length cannot take), each with record ids; a leading gpt turn (dropped, as
+LLaVA drops it: reported, usable); and LLaVA's known trap, OCR-VQA images stored as .gif/.png
 where the JSON names a .jpg (LLaVA's README: its OCR-VQA images are all saved as .jpg), or GIF/PNG
 data under a .jpg name (reported; it loads). Images
 are checked by their header (cheap: one small read per distinct image); --decode decodes each
@@ -28,7 +31,7 @@ import llava_data  # noqa: E402
 STAGES = [("data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "data/LLaVA-Pretrain/images"),
           ("data/llava_v1_5_mix665k.json", "data")]
 EXAMPLES = 5  # record ids listed per kind of problem
-USABLE = {"not JPEG"}  # findings training accepts: reported, not counted as wrong
+USABLE = {"not JPEG", "leading gpt turn"}  # findings training accepts: reported, not counted as wrong
 
 
 def parse_args():
@@ -37,6 +40,15 @@ def parse_args():
     p.add_argument("--image-folder", help="the folder image paths are relative to (with --data)")
     p.add_argument("--write-clean", metavar="FILE", help="write the records training would accept (with --data)")
     p.add_argument("--decode", action="store_true", help="decode every image fully (finds truncated files; slow)")
+    # with --llm, the training flags that decide how a record is tokenized (train.py's defaults)
+    p.add_argument("--llm", help="also render and tokenize every record as training with this LLM will "
+                   "(hub name, directory or toy preset)")
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--compressor", default="quecc", choices=["quecc", "tokenpacker", "pool", "mlp"])
+    p.add_argument("--conv-template", default="auto", choices=("auto", "chat", "vicuna_v1", "plain"))
+    p.add_argument("--image-after-question", action="store_true")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=2, help="the stage --data trains (its template)")
     args = p.parse_args()
     if (args.image_folder or args.write_clean) and not args.data:
         p.error("--image-folder and --write-clean go with one --data file")
@@ -66,21 +78,37 @@ def image_problem(path, decode):
         return "unreadable", f"unreadable image {path}: {e}"
 
 
-def check(path, image_folder, decode):
+def sample_tokenizer(args, stage):
+    """-> training's tokenize for a file of this stage (train.sample_tokenizer), or None without --llm."""
+    if not args.llm:
+        return None
+    import train  # torch and transformers: only when asked for
+    import vlm
+    with vlm.loading("LLM", args.llm):
+        tokenizer = vlm.load_tokenizer(args.llm)
+    try:
+        return train.sample_tokenizer(argparse.Namespace(**vars(args), train_llm=stage == 2), tokenizer)
+    except ValueError as e:  # --conv-template chat for a tokenizer without one
+        raise SystemExit(f"error: {e}") from None
+
+
+def check(path, image_folder, decode, tokenize=None):
     """-> (records read, the usable ones' JSON texts, {kind: [(record name, message)]}), printing
     the per-folder table."""
     problems = defaultdict(list)
     checked = {}  # image path -> problem: a COCO image used by several records is read once
     usable = []  # their JSON texts, as the file has them
     per_folder = defaultdict(Counter)
-    records = tqdm(llava_data.iter_records(path), desc=os.path.basename(path), mininterval=5)
-    for index, (record, text) in enumerate(records):
+    records = tqdm(llava_data.checked_records(path, tokenize, len(os.sched_getaffinity(0))),
+                   desc=os.path.basename(path), mininterval=5)
+    for index, record, text, problem in records:
         name = llava_data.record_name(path, index, record)
-        try:
-            llava_data.check_record(record)
-        except ValueError as e:
-            problems["refused"].append((name, str(e)))
+        if problem:
+            problems["refused"].append((name, problem))
             continue
+        if llava_data.trained_turns(record["conversations"]) != record["conversations"]:
+            problems["leading gpt turn"].append((name, "its first turn is gpt's, an answer to nothing: "
+                                                       "dropped, as LLaVA's preprocess drops it"))
         if "image" not in record:
             per_folder["(text only)"]["records"] += 1
             usable.append(text)
@@ -119,15 +147,16 @@ def report(problems):
 
 def main():
     args = parse_args()
-    stages = [(args.data, args.image_folder or ".")] if args.data else STAGES
+    stages = [(args.data, args.image_folder or ".", args.stage)] if args.data else \
+        [(path, image_folder, stage) for stage, (path, image_folder) in enumerate(STAGES, 1)]
     wrong = False
-    for path, image_folder in stages:
+    for path, image_folder, stage in stages:
         if not os.path.exists(path):
             print(f"{path}: not found (docs/data.md says where it comes from)")
             wrong = True
             continue
         try:
-            count, usable, problems = check(path, image_folder, args.decode)
+            count, usable, problems = check(path, image_folder, args.decode, sample_tokenizer(args, stage))
         except llava_data.BadSample as e:  # malformed JSON, with its line
             print(f"error: {e}")
             wrong = True

@@ -29,6 +29,33 @@ def checkpoint_dtypes(directory):
     return {name: m.properties.dtype for name, m in metadata.items() if hasattr(m, "properties")}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """A toy's tiny matmuls run many times faster on one thread of a busy machine; and one thread
+    sums in one order, whichever process runs the model."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sharp_model(compressor, tokens=4, llm="toy-xs"):
+    """A toy VLM whose LLM and projector weights are redrawn at unit scale, so greedy answers differ
+    from image to image and from question to question (a default-init toy answers "" to everything,
+    which no comparison could catch). -> (model in eval mode, tokenizer, image processor)"""
+    import torch
+    import vlm
+    model, tokenizer, image_processor = vlm.build(llm, "toy", tokens, compressor)
+    generator = torch.Generator().manual_seed(1)  # a draw whose answers vary with the image
+    with torch.no_grad():
+        for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
+            if p.ndim == 2:
+                std = 0.3 if "embed" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model.eval(), tokenizer, image_processor
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")

@@ -72,3 +72,24 @@ def test_checker_defaults_to_both_stages_files(tmp_path):
     assert result.returncode == 1
     assert "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json: not found" in result.stdout
     assert "data/llava_v1_5_mix665k.json: not found" in result.stdout
+
+
+def test_checker_refuses_what_training_refuses_with_its_check(tmp_path):
+    """The same check_record as 01/02 (and with --llm the same tokenize): turns that do not
+    alternate; a leading gpt turn, dropped, is reported; an answer --max-length cuts away."""
+    data = tmp_path / "data"
+    write_image(data / "1.jpg")
+    records = [{"id": "good", "image": "1.jpg", "conversations": answer()},
+               {"id": "lead", "image": "1.jpg", "conversations": [{"from": "gpt", "value": "Hi!"}] + answer()},
+               {"id": "two-humans", "conversations": [{"from": "human", "value": "Hi"}] + answer("Hello?")},
+               {"id": "long", "image": "1.jpg", "conversations": answer("<image>\n" + "Why? " * 80)}]
+    path = data / "mix.json"
+    path.write_text(json.dumps(records))
+    args = ["data_prep/check_llava_data.py", "--data", str(path), "--image-folder", str(data)]
+    out = run_script(*args, check=False).stdout
+    assert f"{path}: 4 records, 3 usable" in out
+    assert "record 2 (id two-humans): turns must alternate human, gpt" in out
+    assert "record 1 (id lead): its first turn is gpt's" in out and "leading gpt turn: 1 records" in out
+    result = run_script(*args, "--llm", "toy", "--max-length", "64", check=False)
+    assert result.returncode == 1 and f"{path}: 4 records, 2 usable" in result.stdout
+    assert "record 3 (id long): --max-length 64 cuts every answer token" in result.stdout

@@ -1,5 +1,6 @@
 """Data pipeline: label masks under two chat templates, image slots, truncation, images, bad input."""
 import copy
+import functools
 import json
 
 import numpy as np
@@ -179,6 +180,64 @@ def test_image_slots_and_query(tokenizer, first):
     assert tokenizer.decode(sample["query_ids"]) == "What colour is the circle?"
     # LLaVA's layout: the image opens the first user turn, wherever the data put the tag
     assert tokenizer.decode(ids[:start]) == "<|im_start|>user\n"
+
+
+def test_span_labels_equal_the_overlap_of_every_token_and_span():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cuts = np.sort(rng.choice(60, size=2 * rng.integers(0, 5), replace=False)).tolist()
+        spans = list(zip(cuts[::2], cuts[1::2]))
+        offsets, position = [], 0
+        for _ in range(rng.integers(0, 30)):  # tokens in text order, some of no width (BOS, image slots)
+            width = int(rng.integers(0, 4))
+            offsets.append((position, position + width))
+            position += width
+        ids = list(range(len(offsets)))
+        reference = [token if any(a < end and b > start for start, end in spans) and b > a else IGNORE
+                     for token, (a, b) in zip(ids, offsets)]
+        assert conversation.span_labels(ids, offsets, spans) == reference
+
+
+def test_a_leading_gpt_turn_is_dropped_as_llava_does(tokenizer, llama_tokenizer):
+    """LLaVA's preprocess drops a first turn that is not the human's: it answers nothing."""
+    lead = [{"from": "gpt", "value": "Hello! How can I help?"}] + TURNS
+    for t, template in ((tokenizer, "chat"), (llama_tokenizer, "vicuna_v1")):
+        assert conversation.tokenize(t, lead, 4, 512, template=template) == conversation.tokenize(t, TURNS, 4, 512, template=template)
+    system = [{"from": "system", "value": "Be brief."}]
+    assert conversation.to_messages(system + lead)[0] == conversation.to_messages(system + TURNS)[0]
+    llava_data.check_record({"image": "x.png", "conversations": lead})
+
+
+@pytest.mark.parametrize("turns", [
+    [TURNS[0], TURNS[2], TURNS[1]],  # two human turns in a row
+    TURNS[:2] + [TURNS[1], TURNS[3]],  # two gpt turns in a row
+    TURNS[:2] + [{"from": "system", "value": "Be brief."}] + TURNS[2:],  # a system turn inside
+    [TURNS[1], TURNS[1]] + TURNS,  # two leading gpt turns: one is dropped
+])
+def test_turns_that_do_not_alternate_are_refused_as_llava_asserts(turns):
+    with pytest.raises(ValueError, match="turns must alternate human, gpt"):
+        llava_data.check_record({"image": "x.png", "conversations": turns})
+
+
+def test_records_are_refused_before_training_as_training_would_refuse_them(tmp_path, tokenizer):
+    """valid_records with the run's tokenize: what would stop training at the record's step (a
+    template that cannot take it, --max-length cutting every answer) stops it before; in
+    several processes the same records, the same names, in order."""
+    long = dict(good_record(tmp_path, "long"), conversations=[dict(TURNS[0], value="<image>\n" + "Why? " * 80), TURNS[1]])
+    two = dict(good_record(tmp_path, "two"), conversations=TURNS)
+    path = write(tmp_path, [good_record(tmp_path)] + [two, long] * 300)
+    tokenize = functools.partial(conversation.tokenize, tokenizer, num_visual_tokens=4, max_length=64,
+                                 template="plain")
+    with pytest.raises(llava_data.BadSample, match="record 1 \\(id two\\): the plain template"):
+        llava_data.load_records(path, tmp_path, tokenize=tokenize)
+    tokenize.keywords["template"] = "chat"
+    with pytest.raises(llava_data.BadSample, match="record 2 \\(id long\\): --max-length 64 cuts every answer token"):
+        llava_data.load_records(path, tmp_path, tokenize=tokenize)
+    logs = {processes: [] for processes in (1, 2)}
+    kept = {processes: list(llava_data.valid_records(path, tmp_path, True, logs[processes].append, tokenize, processes))
+            for processes in (1, 2)}
+    assert kept[1] == kept[2] and len(kept[1]) == 301 and logs[1] == logs[2] and len(logs[1]) == 301
+    assert "record 600 (id long)" in logs[1][-2]
 
 
 def test_image_after_question_layout(tokenizer):

@@ -49,6 +49,12 @@ def one_line_error(result):
     return lines[0]
 
 
+def projector_of(model_folder):
+    """The projector's tensors in a stage-2 output (model.safetensors holds llm.*, vision.*, projector.*)."""
+    return {k.removeprefix("projector."): v for k, v in load_file(model_folder / "model.safetensors").items()
+            if k.startswith("projector.")}
+
+
 def test_the_command_as_typed_runs_on_the_default_layout(layout):
     """01, 02 and 03 with no path given: data from data/, outputs in runs/toy-quecc-v4/stage1|stage2,
     stage 2 starts from stage 1's projector (its standardization statistics, which training does
@@ -58,13 +64,13 @@ def test_the_command_as_typed_runs_on_the_default_layout(layout):
     stage1, stage2 = layout / "runs/toy-quecc-v4/stage1", layout / "runs/toy-quecc-v4/stage2"
     assert (stage1 / "projector.safetensors").exists()
     run_script("02_finetune.py", *TOY, *steps, cwd=layout)
-    before, after = load_file(stage1 / "projector.safetensors"), load_file(stage2 / "projector.safetensors")
+    before, after = load_file(stage1 / "projector.safetensors"), projector_of(stage2)
     assert after["standardize_patches.std"].ne(1).any()  # measured statistics, not a fresh projector's
     for name in ("standardize_patches.mean", "standardize_patches.std"):
         assert after[name].equal(before[name])
     fresh = layout / "runs/fresh/stage2"
     run_script("02_finetune.py", *TOY, *steps, "--projector", "none", "--output-dir", str(fresh), cwd=layout)
-    assert not load_file(fresh / "projector.safetensors")["standardize_patches.std"].equal(before["standardize_patches.std"])
+    assert not projector_of(fresh)["standardize_patches.std"].equal(before["standardize_patches.std"])
 
     run_script("03_evaluate.py", "--model", "runs/toy-quecc-v4/stage2", "--bench", "toy_reasoning", cwd=layout)
     rows = [json.loads(line) for line in open(stage2 / "eval" / "results.jsonl")]
@@ -106,7 +112,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(layout):
     assert message.startswith("error: cannot load the vision tower openai/clip-vit-large-patch14-336: ")
     message = one_line_error(run_script("03_evaluate.py", "--model", "runs/nothing", "--bench", "toy_reasoning",
                                         cwd=layout, check=False))
-    assert message.startswith("error: cannot load the model runs/nothing: no vlm_config.json")
+    assert message.startswith("error: cannot load the model runs/nothing: no config.json")
 
 
 def test_the_papers_grid_runs_as_printed(layout, monkeypatch):
@@ -136,7 +142,7 @@ def test_the_papers_grid_runs_as_printed(layout, monkeypatch):
         assert os.path.exists(args.data) and os.path.isdir(args.image_folder)
         if script == "01_pretrain_projector.py":
             assert args.micro_batch_size == 32 and args.batch_size == 256
-            (Path(args.output_dir) / "vlm_config.json").write_text("{}")  # as if stage 1 had run
+            (Path(args.output_dir) / "config.json").write_text("{}")  # as if stage 1 had run
         else:
             assert args.micro_batch_size == 16 and args.batch_size == 256
             assert args.projector == os.path.join(os.path.dirname(args.output_dir), "stage1")

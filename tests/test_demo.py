@@ -107,13 +107,13 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["run"], r["seed"], r["benchmark"]) for r in rows) == sorted(
-        (f"{size}-v{v}", seed, bench) for size in ("toy-xs", "toy-s") for v in (1, 4) for seed in "12"
+        (f"quecc-{size}-v{v}", seed, bench) for size in ("toy-xs", "toy-s") for v in (1, 4) for seed in "12"
         for bench in ("toy_reasoning", "toy_ocr"))
     # the seed reaches both stages: the two runs of a cell train differently
     losses = {(r["run"], r["seed"]): r["loss_last"] for r in rows}
     assert all(losses[name, "1"] != losses[name, "2"] for name, _ in losses)
     params = {r["run"]: float(r["params_b"]) for r in rows}
-    assert params["toy-s-v1"] > 5 * params["toy-xs-v1"]
+    assert params["quecc-toy-s-v1"] > 5 * params["quecc-toy-xs-v1"]
     assert all(0 <= float(r["score"]) <= 1 for r in rows)
     summary = (out / "summary.md").read_text()
     for name in ("toy-xs-v1", "toy-xs-v4", "toy-s-v1", "toy-s-v4", "majority answer", "## Fitted law",
@@ -121,9 +121,13 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
         assert name in summary
     # four steps of training leave every accuracy at the answer prior: the summary says why there is no fit
     assert any(why in summary for why in ("every cell has error", "every question type at or below twice")) or \
-        (out / "fit_reasoning.json").exists()
+        (out / "fit_quecc_reasoning.json").exists()
+    # stage 2 scored the reasoning questions as it trained (4 steps, 8 points wanted: at every step)
+    log = [json.loads(line) for line in open(out / "runs" / "quecc-toy-s-v4-s1" / "stage2" / "log.jsonl")]
+    assert [entry["eval"]["toy_reasoning"]["metric"] for entry in log] == ["accuracy"] * 4
+    assert "## When each question type was learned" in summary and (out / "learning_curves.png").exists()
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {f"{size}-v{v}-s{seed}" for size in ("toy-xs", "toy-s") for v in (1, 4) for seed in (1, 2)} | {"total"}
+    assert set(timings) == {f"quecc-{size}-v{v}-s{seed}" for size in ("toy-xs", "toy-s") for v in (1, 4) for seed in (1, 2)} | {"total"}
     assert "Toy-world scaling study" in first.stdout
 
     run_script(*args)  # everything is done: nothing is trained again, and every run keeps its cost
@@ -135,12 +139,12 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
             assert resumed[name] == timings[name] > 0
 
     # a kill during stage 2's final save left its LLM but not the file written last: redone
-    (out / "runs" / "toy-xs-v1-s2" / "stage2" / "vlm_config.json").unlink()
+    (out / "runs" / "quecc-toy-xs-v1-s2" / "stage2" / "config.json").unlink()
     run_script(*args)
-    redone = (out / "runs" / "toy-xs-v1-s2" / "log.txt").read_text()
+    redone = (out / "runs" / "quecc-toy-xs-v1-s2" / "log.txt").read_text()
     assert redone.count("02_finetune.py") == 2 and redone.count("03_evaluate.py") == 2  # new model, new answers
     assert "--seed 2 " in redone
-    assert (out / "runs" / "toy-xs-v1-s1" / "log.txt").read_text().count("02_finetune.py") == 1
+    assert (out / "runs" / "quecc-toy-xs-v1-s1" / "log.txt").read_text().count("02_finetune.py") == 1
     # other settings would reuse models trained with the old ones: refused
     result = run_script(*[a if a != "4" else "5" for a in args], check=False)
     assert result.returncode != 0 and "--stage2-steps 4 (now 5)" in result.stderr
@@ -188,7 +192,7 @@ def test_a_killed_demo_ends_the_script_it_runs(toy_data, tmp_path):
 
 def test_the_loss_windows_of_a_short_run_do_not_overlap(tmp_path):
     """Under 20 logged steps the first ten and the last ten overlapped: four steps gave one number twice."""
-    _, _, stage2, evaluation = demo.run_dirs(tmp_path, "toy-xs", 1, 1)
+    _, _, stage2, evaluation = demo.run_dirs(tmp_path, "quecc", "toy-xs", 1, 1)
     os.makedirs(stage2)
     os.makedirs(os.path.join(evaluation, "toy_ocr"))
     with open(os.path.join(stage2, "log.jsonl"), "w") as f:
@@ -197,15 +201,15 @@ def test_the_loss_windows_of_a_short_run_do_not_overlap(tmp_path):
         f.write(json.dumps({"benchmark": "toy_ocr", "params_b": 1e-5, "normalized": 0.25}) + "\n")
     with open(os.path.join(evaluation, "toy_ocr", "metrics.json"), "w") as f:
         json.dump({"per_category": {"ocr": 25.0}}, f)
-    [row] = demo.read_run(tmp_path, "toy-xs", 1, 1)
+    [row] = demo.read_run(tmp_path, "quecc", "toy-xs", 1, 1)
     assert (row["loss_first"], row["loss_last"]) == (3.5, 1.75)
 
 
-ARGS = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressor="quecc", stage1_steps=10,
+ARGS = type("Args", (), dict(sizes=["toy-xs", "toy-l"], tokens=[1, 576], compressors=["quecc"], stage1_steps=10,
                              stage2_steps=200, num_train=2000, num_eval=100))
 
 
-def score_rows(reasoning, ocr, spread, seeds=(1, 2)):
+def score_rows(reasoning, ocr, spread, seeds=(1, 2), compressor="quecc"):
     """Synthetic scores.csv rows: toy-xs and toy-l x V 1 and 576, each seed `spread` apart around the
     cell's score; reasoning(big LLM, many tokens) and ocr(...) give the cell scores."""
     rows = []
@@ -214,13 +218,29 @@ def score_rows(reasoning, ocr, spread, seeds=(1, 2)):
             for k, seed in enumerate(seeds):
                 for bench, score in (("toy_reasoning", reasoning(params > 1e-3, v > 1)), ("toy_ocr", ocr(params > 1e-3, v > 1))):
                     score += spread * (k - (len(seeds) - 1) / 2)
-                    rows.append(dict(run=f"{size}-v{v}", seed=seed, params_b=params, tokens=v, benchmark=bench, score=score,
-                                     per_category={"colour": 100 * score, "exists": 50.0, "ocr": 100 * score},
+                    rows.append(dict(run=f"{compressor}-{size}-v{v}", compressor=compressor, seed=seed, params_b=params,
+                                     tokens=v, benchmark=bench, score=score, per_category={"colour": 100 * score, "exists": 50.0, "ocr": 100 * score},
                                      loss_first=4.0, loss_last=1.0))
     return rows
 
 
 BASELINES = {"reasoning": {"colour": 1 / 6, "exists": 0.5}, "ocr": {"ocr": 1 / 12}}
+
+
+def test_learning_curves_name_the_step_each_type_passed_its_bar(tmp_path):
+    """colour (baseline 20%, bar 40%) passes on the seeds' mean at step 20 (30%, then 45%; one seed alone
+    passed at 10); shape (baseline 25%, bar 50%) never does."""
+    accuracies = {1: {10: dict(colour=10, shape=30), 20: dict(colour=50, shape=30)},
+                  2: {10: dict(colour=50, shape=20), 20: dict(colour=40, shape=40)}}
+    grid = [("quecc", "toy-s", 1, seed) for seed in (1, 2)]
+    for point in grid:
+        stage2 = demo.run_dirs(tmp_path, *point)[2]
+        os.makedirs(stage2)
+        with open(os.path.join(stage2, "log.jsonl"), "w") as f:
+            for step, per_category in accuracies[point[3]].items():
+                f.write(json.dumps(dict(step=step, loss=1.0, eval=dict(toy_reasoning=dict(per_category=per_category)))) + "\n")
+    lines = demo.learning_curves(tmp_path, grid, dict(reasoning=dict(colour=0.2, shape=0.25)))
+    assert "| quecc-toy-s-v1 | 20 | - |" in lines and (tmp_path / "learning_curves.png").exists()
 
 
 def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
@@ -230,7 +250,8 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     fit = dict(alpha=0.03, beta=0.05, A=0.4, D=0.1, r2=0.2, on_edge={"beta": "upper"},
                grid=dict(A=0.41, alpha=0.0312, beta=0.05, D=0.0667, sse=0.01),
                box={"A": [0.2, 0.7, 50], "alpha": [0, 0.2, 100], "beta": [0, 0.05, 100], "D": [0, 0.3, 10]})
-    demo.write_summary(tmp_path, rows, {"reasoning": fit}, BASELINES, demo.noisy_types(rows, BASELINES), ARGS, 60)
+    demo.write_summary(tmp_path, rows, {"quecc": {"reasoning": fit}}, BASELINES, demo.noisy_types(rows, BASELINES),
+                       ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
     assert "set by the box rather than the data: reasoning: beta = 0.05 on the upper edge of [0, 0.05]." in summary
     assert "Whole-grid optimum (the number to compare with the release's): reasoning alpha 0.0312, beta 0.0500." in summary
@@ -239,7 +260,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     assert "(+10.0 points)" in reasoning and "(+40.0 points)" in reasoning and "opposite of the paper's" in reasoning
     assert "Neither raises accuracy by a point: no ordering to read." in ocr
     # each cell: mean over the seeds and their min-max
-    assert "| toy-xs-v1 | 0.04M | 1 | 30.0 (29.5-30.5) | 30.0 (29.5-30.5) | 50.0 (50.0-50.0) |" in summary
+    assert "| quecc-toy-xs-v1 | 0.04M | 1 | 30.0 (29.5-30.5) | 30.0 (29.5-30.5) | 50.0 (50.0-50.0) |" in summary
 
 
 def test_summary_states_an_ordering_only_above_twice_the_seed_spread(tmp_path):
@@ -277,7 +298,7 @@ def test_question_types_at_the_answer_prior_are_left_out_of_the_means_and_named(
         assert kept["score_all_types"] == row["score"]
         assert kept["score"] == pytest.approx(row["per_category"]["colour"] / 100 if row["benchmark"] == "toy_reasoning"
                                               else row["score"])
-    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60)
+    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
     assert "| exists* |" in summary and "Left out of the means" in summary and "exists (reasoning); the whole ocr split" in summary
     assert f"**ocr**: every question type is {demo.NOT_LEARNED} in every run" in summary
@@ -294,7 +315,7 @@ def test_a_yes_no_type_answered_from_the_image_is_kept(tmp_path):
     rows[0]["per_category"]["exists"] = 80.0
     noisy = demo.noisy_types(rows, BASELINES)
     assert noisy["reasoning"] == []
-    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60)
+    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
     assert "| exists |" in summary and "Left out of the means: the whole ocr split" in summary
 
@@ -340,3 +361,113 @@ def test_print_real_lists_the_papers_grid():
 def test_full_conflicts_with_an_explicit_grid():
     result = run_script("-m", "toy.demo", "--full", "--sizes", "toy-s", check=False)
     assert result.returncode == 2 and "--full sets --sizes and --tokens" in result.stderr
+
+
+def demo_args(monkeypatch, *flags):
+    monkeypatch.setattr(sys, "argv", ["toy.demo", *flags])
+    return demo.parse_args()
+
+
+def test_print_real_prints_the_grid_of_any_compressor(monkeypatch, capsys):
+    """Pixel shuffle cannot make V = 1 or 4 from CLIP-L/336's 24x24 patches: those cells are named, not printed."""
+    monkeypatch.setattr(sys, "argv", ["toy.demo", "--print-real", "--compressor", "pixelshuffle"])
+    demo.main()
+    lines = capsys.readouterr().out.splitlines()
+    finetune = [line for line in lines if "02_finetune.py" in line]
+    assert {int(re.search(r"--tokens (\d+)", line).group(1)) for line in finetune} == {16, 36, 64, 144, 576}
+    assert len(finetune) == 4 * 5 and all("--compressor pixelshuffle" in line for line in finetune)
+    assert sum("-pixelshuffle-v" in line for line in lines if "03_evaluate.py" in line) == 4 * 5
+    assert "# pixelshuffle cannot make V = 1, 4 on CLIP-L/336's 24x24 patches: those cells are left out." in lines
+    assert [line.split("--output-dir ")[1] for line in lines if "04_fit_scaling.py" in line] == \
+        ["runs/fit_pixelshuffle_reasoning", "runs/fit_pixelshuffle_ocr"]
+
+
+def test_the_sweep_trains_each_compressor_on_the_cells_it_makes(monkeypatch, tmp_path):
+    args = demo_args(monkeypatch, "--compressors", "pool,pixelshuffle", "--sizes", "toy-xs", "--tokens", "4,16",
+                     "--seeds", "1")
+    points, skipped = demo.grid_points(args)
+    assert points == [("pool", "toy-xs", 4, 1), ("pool", "toy-xs", 16, 1), ("pixelshuffle", "toy-xs", 16, 1)]
+    assert skipped == {"pool": [], "pixelshuffle": [4]}
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda log, *script, threads: commands.append(script))
+    demo.train_and_evaluate(args, *points[-1], str(tmp_path), type("Bar", (), dict(update=lambda self: None))())
+    assert [c[0] for c in commands] == ["01_pretrain_projector.py", "02_finetune.py", "03_evaluate.py"]
+    run_dir = tmp_path / "runs" / "pixelshuffle-toy-xs-v16-s1"
+    for command in commands[:2]:
+        assert command[command.index("--compressor") + 1] == "pixelshuffle"
+        assert command[command.index("--output-dir") + 1].startswith(str(run_dir))
+    assert commands[2][commands[2].index("--model") + 1] == str(run_dir / "stage2")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--compressors", "quecc,prumerge"], "unknown compressor 'prumerge'; choose from quecc, tokenpacker, pool, mlp, "
+                                          "pixelshuffle, resampler"),
+    (["--compressors", "quecc,mlp", "--tokens", "1,16"], "error: --tokens 1 is not supported by compressor 'mlp' on a "
+                                                         "24x24 patch grid (it keeps every patch); valid values: 576")])
+def test_a_compressor_that_makes_nothing_of_the_grid_is_refused(monkeypatch, capsys, flags, words):
+    with pytest.raises(SystemExit) as refusal:
+        demo.grid_points(demo_args(monkeypatch, *flags))
+    assert words in capsys.readouterr().err + str(refusal.value)
+
+
+def test_an_out_of_the_one_compressor_demo_is_refused(monkeypatch, tmp_path):
+    """Its runs are named without their compressor: read as another's, they would be wrong numbers."""
+    (tmp_path / "settings.json").write_text(json.dumps({"compressor": "pool"}))
+    with pytest.raises(SystemExit, match="holds runs of an earlier demo, named without their compressor \\(pool\\)"):
+        demo.check_settings(str(tmp_path), demo_args(monkeypatch))
+
+
+LAWS = {"pool": dict(A=0.5, alpha=0.12, beta=0.02, D=0.1), "pixelshuffle": dict(A=0.5, alpha=0.03, beta=0.04, D=0.1)}
+
+
+def law_rows():
+    """Two seeds per cell, 3 points either side of each compressor's own law; pixel shuffle without
+    V = 1 and 4 (it cannot make them), LLaVA's MLP at V = 576 alone."""
+    rows = []
+    for compressor, tokens in (("pool", (1, 4, 16, 576)), ("pixelshuffle", (16, 576)), ("mlp", (576,))):
+        true = LAWS.get(compressor, LAWS["pool"])
+        for n in (0.5, 2, 8):
+            for v in tokens:
+                error = true["A"] * n ** -true["alpha"] * v ** -true["beta"] + true["D"]
+                for seed, side in ((1, -1), (2, 1)):
+                    for bench, score in (("toy_reasoning", 1 - error + 0.03 * side), ("toy_ocr", 0.05)):
+                        rows.append(dict(run=f"{compressor}-{n}-v{v}", compressor=compressor, seed=seed, params_b=n,
+                                         tokens=v, benchmark=bench, score=score, per_category={"colour": 100 * score,
+                                         "exists": 50.0, "ocr": 5.0}, loss_first=4.0, loss_last=1.0))
+    return rows
+
+
+def test_the_sweep_keeps_the_compressors_rows_and_fits_apart(tmp_path):
+    rows = law_rows()
+    noisy = demo.noisy_types(rows, BASELINES)
+    assert noisy == {"reasoning": ["exists"], "ocr": ["ocr"]}
+    demo.write_scores(tmp_path, rows)
+    with open(tmp_path / "scores.csv") as f:
+        written = {(r["compressor"], int(r["tokens"])) for r in csv.DictReader(f)}
+    assert written == {(r["compressor"], r["tokens"]) for r in rows} and len(written) == 4 + 2 + 1
+    fits = demo.fit_laws(str(tmp_path), str(tmp_path / "log"), rows, noisy, BASELINES)
+    for compressor, true in LAWS.items():  # each fitted on its own rows: its own exponents back
+        fit = json.loads((tmp_path / f"fit_{compressor}_reasoning.json").read_text())
+        assert fit == fits[compressor]["reasoning"]
+        assert (fit["alpha"], fit["beta"]) == pytest.approx((true["alpha"], true["beta"]), abs=2e-3)
+        assert "failed" in fits[compressor]["ocr"] and not (tmp_path / f"fit_{compressor}_ocr.json").exists()
+    assert fits["mlp"] == {split: {"failed": "it makes one V of the grid (576)"} for split in ("reasoning", "ocr")}
+
+    args = type("Args", (), dict(vars(ARGS), sizes=["toy-xs", "toy-s", "toy-m"], tokens=[1, 4, 16, 576],
+                                 compressors=["pool", "pixelshuffle", "mlp"]))
+    skipped = {"pool": [], "pixelshuffle": [1, 4], "mlp": [1, 4, 16]}
+    demo.write_summary(tmp_path, rows, fits, BASELINES, noisy, args, 60, skipped)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "compressors pool, pixelshuffle, mlp," in summary
+    assert "Not made: pixelshuffle at V = 1, 4 (it cannot make those counts from the patch grid). Not made: mlp at V = 1, " \
+           "4, 16" in summary
+    table = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in summary.splitlines()
+             if line.startswith(("| pool |", "| pixelshuffle |", "| mlp |"))}
+    assert set(table) == {(c, s) for c in ("pool", "pixelshuffle", "mlp") for s in ("reasoning", "ocr")}
+    assert table["pool", "reasoning"].startswith(f"| pool | reasoning | {fits['pool']['reasoning']['alpha']:.4f} [")
+    assert table["pixelshuffle", "reasoning"].endswith(" | not made | "
+                                                       f"{demo.accuracy_at(rows, 'pixelshuffle', 'reasoning', 576)} |")
+    assert "| mlp | ocr | not fitted: it makes one V of the grid (576) |" in table["mlp", "ocr"]
+    for compressor in ("pool", "pixelshuffle", "mlp"):
+        assert f"\n*{compressor}*: " in summary
+    assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 10000

@@ -1,5 +1,4 @@
 """03_evaluate.py end to end on a briefly trained toy checkpoint."""
-import importlib
 import json
 import os
 import shutil
@@ -182,13 +181,14 @@ def test_params_b_writes_the_nominal_size_and_one_per_model(checkpoint, toy_data
 
 def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer):
     import conversation
+    import evaluation
     import toy
-    evaluate_script = importlib.import_module("03_evaluate")
+    from modeling_vlm import VLMConfig
     bench = "toy_reasoning"
     questions = [json.loads(line) for line in open(toy_data / "eval" / bench / "questions.jsonl")]
     for template, start, end in (("vicuna_v1", conversation.VICUNA_SYSTEM + " USER: ", " ASSISTANT:"),
                                  ("chat", "<|im_start|>user\n", "<|im_start|>assistant\n")):
-        prompts = evaluate_script.Prompts(bench, questions, toy_data / "images", tokenizer,
-                                          toy.build_image_processor(), dict(tokens=4, conv_template=template))
+        prompts = evaluation.Prompts(bench, questions, toy_data / "images", tokenizer,
+                                     toy.build_image_processor(), VLMConfig(tokens=4, conv_template=template))
         text = tokenizer.decode([i for i in prompts[0]["input_ids"] if i != constants.IMAGE_SLOT])
         assert text.startswith(start) and text.endswith(end)

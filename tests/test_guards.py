@@ -108,12 +108,28 @@ def test_skip_bad_samples_skips_an_image_that_fails_to_decode(toy_data, tmp_path
     path.write_text(json.dumps(records))
     extra = [str(tmp_path / "cache") if e == "CACHE" else e for e in extra]
     args = ["01_pretrain_projector.py", "--llm", "toy", "--vision", "toy", "--data", str(path), "--image-folder",
-            str(images), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--num-workers", "0", *extra]
+            str(images), "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--num-workers", "0",
+            "--save-every", "1", *extra]
     refused(run_script(*args, "--output-dir", str(tmp_path / "a"), check=False),
             f"(id {records[2]['id']})", "--skip-bad-samples")
     result = run_script(*args, "--output-dir", str(tmp_path / "b"), "--skip-bad-samples")
     assert f"(id {records[2]['id']})" in result.stdout
     assert len(open(tmp_path / "b" / "log.jsonl").readlines()) == 2
+    if not extra:  # the image is met in training (step 2), not before: resumed, the run goes on past it
+        resumed = run_script(*args, "--output-dir", str(tmp_path / "a"), "--resume", "--skip-bad-samples")
+        assert "at step 1" in resumed.stdout and len(open(tmp_path / "a" / "log.jsonl").readlines()) == 2
+
+
+def test_a_record_that_max_length_refuses_stops_the_run_before_training(toy_data, tmp_path):
+    """Every record rendered and tokenized as training will, before training: not met, and stopped
+    at, mid-run (the template's refusals: tests/test_conversation.py)."""
+    records = json.load(open(toy_data / "pretrain.json"))[:8]
+    records[5]["conversations"][0]["value"] += " Describe the image briefly." * 30
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    result = stage1(toy_data, tmp_path / "out", "--max-length", "64", data=path, check=False)
+    refused(result, f"record 5 (id {records[5]['id']}): --max-length 64 cuts every answer token", "--skip-bad-samples")
+    assert not (tmp_path / "out" / "log.jsonl").exists()
 
 
 def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
@@ -163,17 +179,50 @@ def test_an_output_directory_holding_a_run_is_refused_without_resume_or_overwrit
     assert len(open(tmp_path / "log.jsonl").readlines()) == 3
 
 
-def test_resume_refuses_changed_settings_and_allows_the_others(toy_data, tmp_path):
-    stage1(toy_data, tmp_path, "--max-steps", "3", "--save-every", "1")
-    state = json.load(open(runs.checkpoint_dirs(tmp_path)[-1] + "/trainer_state.json"))
+def test_resume_refuses_changed_settings_and_data_and_allows_the_others(toy_data, tmp_path):
+    data, out = tmp_path / "data.json", tmp_path / "out"
+    shutil.copy(toy_data / "pretrain.json", data)
+    stage1(toy_data, out, "--max-steps", "3", "--save-every", "1", data=data)
+    state = json.load(open(runs.checkpoint_dirs(out)[-1] + "/trainer_state.json"))
     assert state["step"] == 2 and state["settings"]["lr"] == 1e-3
-    refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--lr", "2e-3", check=False),
+    refused(stage1(toy_data, out, "--max-steps", "3", "--resume", "--lr", "2e-3", data=data, check=False),
             "--lr 0.001 -> 0.002")
-    refused(stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--batch-size", "2",
-                   "--micro-batch-size", "2", check=False), "--batch-size 4 -> 2")
-    done = stage1(toy_data, tmp_path, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1",
-                  "--packing")
+    refused(stage1(toy_data, out, "--max-steps", "3", "--resume", "--batch-size", "2",
+                   "--micro-batch-size", "2", data=data, check=False), "--batch-size 4 -> 2")
+    (out / vlm.CONFIG_FILE).unlink()  # as if killed after its last checkpoint
+    records = json.load(open(data))
+    records[0]["conversations"][-1]["value"] = "another caption"
+    data.write_text(json.dumps(records))  # the same path and record count, other contents
+    refused(stage1(toy_data, out, "--max-steps", "3", "--resume", data=data, check=False),
+            f"the records taken from {data} are not those it began with")
+    shutil.copy(toy_data / "pretrain.json", data)
+    resumed = stage1(toy_data, out, "--max-steps", "3", "--resume", "--skip-bad-samples", data=data)
+    assert "at step 2" in resumed.stdout and len(open(out / "log.jsonl").readlines()) == 3
+    done = stage1(toy_data, out, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1",
+                  "--packing", data=data)
     assert "finished; nothing to do" in done.stdout
+
+
+def test_under_loss_norm_llava_the_batch_split_defines_the_run(tmp_path):
+    """Each micro-batch's mean, averaged: another micro-batch size or process count trains
+    another model, so a resume may not change them; under the tokens norm it may."""
+    def resume(loss_norm, micro_batch_size, world):
+        args = argparse.Namespace(output_dir=str(tmp_path), resume=True, overwrite=False, lr=1e-3,
+                                  loss_norm=loss_norm, micro_batch_size=micro_batch_size)
+        return runs.prepare_output_dir(args, 0, world)
+
+    checkpoint = tmp_path / "checkpoints" / "step-0000004"
+    checkpoint.mkdir(parents=True)
+    for loss_norm in ("llava", "tokens"):  # began with micro-batches of 2 in one process
+        began = argparse.Namespace(loss_norm=loss_norm, micro_batch_size=2, lr=1e-3)
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "settings": runs.run_settings(began, 1)}))
+        for micro_batch_size, world, change in [(4, 1, "--micro-batch-size 2 -> 4"), (2, 2, "processes 1 -> 2")]:
+            if loss_norm == "tokens":
+                assert resume(loss_norm, micro_batch_size, world) is False
+                continue
+            with pytest.raises(SystemExit, match="under --loss-norm llava how each global batch is split") as refusal:
+                resume(loss_norm, micro_batch_size, world)
+            assert change in str(refusal.value)
 
 
 def test_a_second_run_into_a_locked_directory_is_refused(toy_data, tmp_path, checkpoint):
@@ -200,23 +249,31 @@ def test_a_kill_during_the_final_save_leaves_no_output_that_looks_complete(tmp_p
     monkeypatch.setattr(tokenizer, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
         vlm.save(model, tokenizer, tmp_path, save_llm=True)
-    assert not (tmp_path / "llm").exists() and not (tmp_path / vlm.CONFIG_FILE).exists()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / vlm.CONFIG_FILE).exists()
     monkeypatch.undo()
     vlm.save(model, tokenizer, tmp_path, save_llm=True)  # a rerun completes it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm", "projector.safetensors", "vlm_config.json"]
+    assert (tmp_path / vlm.CONFIG_FILE).exists() and not (tmp_path / ".saving").exists()
+    assert vlm.load_pretrained(tmp_path)[0].config.tokens == 4
 
 
 def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
     model, tokenizer, _ = vlm.build("toy-s", "toy", 4, "quecc")
     vlm.save(model, tokenizer, tmp_path, save_llm=False)
     other, _, _ = vlm.build("toy-s", "toy", 4, "quecc")
-    other.config["llm"] = "Qwen/Qwen1.5-0.5B-Chat"
+    other.config.llm = "Qwen/Qwen1.5-0.5B-Chat"
     with pytest.raises(ValueError, match="trained for --llm toy-s, this run has --llm Qwen/Qwen1.5-0.5B-Chat"):
         vlm.load_projector(other, tmp_path)
-    other.config = dict(model.config, vision="/models/clip-vit-base-patch16")
+    other.config.update(dict(llm=model.config.llm, vision="/models/clip-vit-base-patch16"))
     with pytest.raises(ValueError, match="--vision toy"):
         vlm.load_projector(other, tmp_path)
-    other.config = dict(model.config, llm="/downloads/toy-s")  # the same model, downloaded: accepted
+    other.config.update(dict(llm="/downloads/toy-s", vision=model.config.vision))  # the same model, downloaded: accepted
+    vlm.load_projector(other, tmp_path)
+    model.config.llm = "/runs/a/stage2/llm"  # the LLM of a stage-2 output of the earlier layout
+    vlm.save(model, tokenizer, tmp_path, save_llm=False)
+    other.config.llm = "/runs/b/stage2/llm"  # another run's finetuned LLM, also named llm
+    with pytest.raises(ValueError, match="trained for --llm /runs/a/stage2/llm, this run has --llm /runs/b/stage2/llm"):
+        vlm.load_projector(other, tmp_path)
+    other.config.llm = "/runs/a/stage2/../stage2/llm"
     vlm.load_projector(other, tmp_path)
 
 
@@ -226,6 +283,8 @@ def test_a_projector_for_another_llm_or_tower_is_refused(tmp_path):
     ("--warmup-ratio", "1.5", "--warmup-ratio must lie in [0, 1]"),
     ("--max-steps", "-1", "--max-steps must be >= 0"),
     ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0"),
+    ("--eval-every", "5", "--eval-every N and --eval-bench NAMES go together"),
+    ("--eval-limit", "-1", "--eval-limit must be >= 0"),
 ])
 def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "argv", ["01", "--data", "d.json", "--output-dir", str(tmp_path), flag, value])
@@ -233,6 +292,39 @@ def test_bad_values_are_refused_in_one_line(flag, value, words, monkeypatch, cap
         train.parse_args(dict(description="", lr=1e-3, batch_size=8, train_llm=False, output="stage1",
                               data="d.json", image_folder=".", source=""))
     assert words in capsys.readouterr().err
+
+
+def stage2_args(monkeypatch, toy_data, *argv):
+    monkeypatch.setattr(sys, "argv", ["02", "--data", str(toy_data / "finetune.json"),
+                                      "--image-folder", str(toy_data / "images"), *map(str, argv)])
+    return train.parse_args(dict(description="", lr=2e-5, batch_size=8, train_llm=True, output="stage2",
+                                 data="d.json", image_folder=".", source=""))
+
+
+def test_an_output_dir_that_is_or_holds_an_input_and_a_missing_projector_are_refused(toy_data, tmp_path,
+                                                                                       monkeypatch, capsys):
+    stage1_dir = tmp_path / "stage1"
+    model, tokenizer, _ = vlm.build("toy-xs", "toy", 4, "quecc")
+    vlm.save(model, tokenizer, stage1_dir, save_llm=False)
+    for output, words in [(stage1_dir, f"--output-dir {stage1_dir} is the --projector {stage1_dir}"),
+                          (toy_data, f"--output-dir {toy_data} holds the --data {toy_data / 'finetune.json'}")]:
+        with pytest.raises(SystemExit):  # --overwrite would have deleted the stage-1 projector
+            stage2_args(monkeypatch, toy_data, "--projector", stage1_dir, "--output-dir", output, "--overwrite")
+        assert words in capsys.readouterr().err
+    assert (stage1_dir / vlm.PROJECTOR_FILE).exists()
+    args = stage2_args(monkeypatch, toy_data, "--projector", stage1_dir, "--output-dir", tmp_path / "stage2")
+    assert args.projector == str(stage1_dir)
+    with pytest.raises(SystemExit, match=f"--projector {tmp_path} holds no stage-1 output"):
+        stage2_args(monkeypatch, toy_data, "--projector", tmp_path, "--output-dir", tmp_path / "stage2")
+
+
+def test_a_projector_of_other_tokens_is_refused_in_one_line(toy_data, tmp_path):
+    model, tokenizer, _ = vlm.build("toy", "toy", 4, "quecc")
+    vlm.save(model, tokenizer, tmp_path / "stage1", save_llm=False)
+    result = run_script("02_finetune.py", "--llm", "toy", "--vision", "toy", "--tokens", "16", "--projector",
+                        str(tmp_path / "stage1"), "--data", str(toy_data / "finetune.json"), "--image-folder",
+                        str(toy_data / "images"), "--output-dir", str(tmp_path / "stage2"), check=False)
+    refused(result, f"error: {tmp_path / 'stage1'}: projector was trained with tokens=4, this run has tokens=16")
 
 
 def test_an_output_dir_that_is_a_file_or_not_writable_and_bad_tokens_are_refused(toy_data, tmp_path):

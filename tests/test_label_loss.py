@@ -13,18 +13,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import constants  # noqa: E402
 import conversation  # noqa: E402
+import modeling_vlm  # noqa: E402
 import vlm  # noqa: E402
 from bench_train_step import all_positions_loss  # noqa: E402
 
 SEVERAL_CHUNKS = 3 * 512  # logits per chunk: 3 rows of the toy vocabulary
 
 
-def mixed_batch(toy_data, tokenizer, processor, which):
+def mixed_batch(toy_data, tokenizer, processor, which, tokens=4):
     """which: 'mixed' (a text-only sample, two image samples of other lengths, one image sample whose
     every label was cut, as --max-length does to a long prompt) or 'unlabelled' (only the last)."""
     records = json.load(open(toy_data / "finetune.json"))
     records = [r for r in records if "image" not in r][:1] + [r for r in records if "image" in r][:3]
-    dataset = conversation.SupervisedDataset(records, "f", toy_data / "images", tokenizer, processor, 4, 512)
+    dataset = conversation.SupervisedDataset(records, "f", toy_data / "images", tokenizer, processor, tokens, 512)
     samples = [dataset[i] for i in range(len(records))]
     samples[-1]["labels"] = [constants.IGNORE] * len(samples[-1]["labels"])
     assert len({len(s["input_ids"]) for s in samples}) > 1  # padded
@@ -54,9 +55,9 @@ def relative_differences(model, batch):
     return ((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-9)).item(), grads
 
 
-def build(lora=False, compressor="quecc"):
+def build(lora=False, compressor="quecc", tokens=4):
     torch.manual_seed(0)
-    model, tokenizer, processor = vlm.build("toy", "toy", 4, compressor)
+    model, tokenizer, processor = vlm.build("toy", "toy", tokens, compressor)
     if lora:
         from peft import LoraConfig, get_peft_model
         model.llm = get_peft_model(model.llm, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
@@ -64,10 +65,10 @@ def build(lora=False, compressor="quecc"):
     return model.double().eval(), tokenizer, processor  # eval: no dropout, both passes see the same model
 
 
-@pytest.mark.parametrize("chunk, lora", [(vlm.LOGITS_PER_CHUNK, False), (SEVERAL_CHUNKS, False),
+@pytest.mark.parametrize("chunk, lora", [(modeling_vlm.LOGITS_PER_CHUNK, False), (SEVERAL_CHUNKS, False),
                                          (SEVERAL_CHUNKS, True)], ids=["one-chunk", "several-chunks", "lora"])
 def test_label_only_loss_and_gradients_equal_full_logits(toy_data, monkeypatch, chunk, lora):
-    monkeypatch.setattr(vlm, "LOGITS_PER_CHUNK", chunk)
+    monkeypatch.setattr(modeling_vlm, "LOGITS_PER_CHUNK", chunk)
     model, tokenizer, processor = build(lora)
     batch = mixed_batch(toy_data, tokenizer, processor, "mixed")
     loss, grads = relative_differences(model, batch)
@@ -79,7 +80,7 @@ def test_label_only_loss_and_gradients_equal_full_logits(toy_data, monkeypatch, 
 
 
 def test_the_head_runs_on_label_rows_only_a_chunk_at_a_time(toy_data, monkeypatch):
-    monkeypatch.setattr(vlm, "LOGITS_PER_CHUNK", SEVERAL_CHUNKS)
+    monkeypatch.setattr(modeling_vlm, "LOGITS_PER_CHUNK", SEVERAL_CHUNKS)
     model, tokenizer, processor = build()
     batch = mixed_batch(toy_data, tokenizer, processor, "mixed")
     rows = []
@@ -105,29 +106,33 @@ def test_fsdp_two_processes_label_only_equals_full_logits(toy_data, tmp_path):
     run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/test_label_loss.py",
                str(toy_data), str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
     differences = json.load(open(out))
-    assert sorted(differences) == ["pool", "quecc"]
+    assert sorted(differences) == sorted(FSDP_COMPRESSORS)
     for compressor, ranks in differences.items():
         for rank, (loss, grads) in enumerate(ranks):
             assert loss <= 1e-6 and max(grads.values()) <= 1e-6, (compressor, rank, loss, grads)
             assert any("layers.0" in n for n in grads) and any("projector" in n for n in grads)
 
 
+FSDP_COMPRESSORS = ("quecc", "pool", "pixelshuffle", "resampler")
+FSDP_TOKENS = 16  # made by each of them (pixel shuffle refuses 4)
+
+
 def fsdp_worker(toy_data, out):
     """Each rank its own micro-batch (rank 1: no label at all, the case a rank could skip the
     backward's collectives in); the LLM sharded as train.py does; several loss chunks. With
-    QueCC and with pooling: without QueCC's question pass, nothing has run the whole LLM (and
-    gathered its embeddings and head) before the training forward."""
+    QueCC and with the text-free ones: without QueCC's question pass, nothing has run the whole
+    LLM (and gathered its embeddings and head) before the training forward."""
     import torch.distributed as dist
     import train
     from pathlib import Path
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    vlm.LOGITS_PER_CHUNK = SEVERAL_CHUNKS
+    modeling_vlm.LOGITS_PER_CHUNK = SEVERAL_CHUNKS
     differences = {}
-    for compressor in ("quecc", "pool"):
-        model, tokenizer, processor = build(compressor=compressor)
-        train.shard_llm(model, torch.float64)  # compute in the dtype build() holds the model in
-        batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank])
+    for compressor in FSDP_COMPRESSORS:
+        model, tokenizer, processor = build(compressor=compressor, tokens=FSDP_TOKENS)
+        train.shard_llm(model, torch.float64)  # computed in the weights' own dtype, as on a CPU
+        batch = mixed_batch(Path(toy_data), tokenizer, processor, ["mixed", "unlabelled"][rank], FSDP_TOKENS)
         differences[compressor] = [None, None]
         dist.all_gather_object(differences[compressor], relative_differences(model, batch))
     if rank == 0:

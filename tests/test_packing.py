@@ -1,7 +1,8 @@
 """--packing: a step's samples concatenated into rows of up to --max-length tokens, each sample attending
 to itself alone, positions restarting at 0, visual tokens and QueCC's question per sample. The loss and
 the gradients equal the unpacked batch's (float64, to summation order), with the label-only loss, LoRA
-and gradient checkpointing, under vlm.attend_per_sample (what a VLM runs sdpa as) and under sdpa with
+and gradient checkpointing, with every compressor (QueCC's question and each image's own tokens per
+sample), under modeling_vlm.attend_per_sample (what a VLM runs sdpa as) and under sdpa with
 transformers' block-diagonal mask. Whole runs (FSDP on 2 processes, resume mid-epoch, the trained
 weights): tests/test_scale_out.py."""
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import conversation
+import modeling_vlm
 import train
 import vlm
 from conftest import ROOT
@@ -22,14 +24,19 @@ from test_label_loss import build, loss_and_gradients
 ROW = 120  # --max-length of the packed rows: the toy samples (29-114 tokens) fit one to three a row
 
 
-@pytest.fixture(scope="module")
-def samples(toy_data):
-    """Two text-only and six image samples of the toy world, 29 to 114 tokens."""
-    _, tokenizer, processor = vlm.build("toy", "toy", 4, "quecc")
+def toy_samples(toy_data, tokens):
+    """Two text-only and six image samples of the toy world with V visual tokens each."""
+    _, tokenizer, processor = vlm.build("toy", "toy", tokens, "quecc")
     records = json.load(open(toy_data / "finetune.json"))
     records = [r for r in records if "image" not in r][:2] + [r for r in records if "image" in r][:6]
-    dataset = conversation.SupervisedDataset(records, "f", toy_data / "images", tokenizer, processor, 4, 512)
+    dataset = conversation.SupervisedDataset(records, "f", toy_data / "images", tokenizer, processor, tokens, 512)
     return [dataset[i] for i in range(len(records))]
+
+
+@pytest.fixture(scope="module")
+def samples(toy_data):
+    """toy_samples at V = 4: 29 to 114 tokens."""
+    return toy_samples(toy_data, 4)
 
 
 def test_pack_fills_the_fewest_rows_that_hold_every_sample():
@@ -87,28 +94,48 @@ def block_diagonal_mask(model):
     return model
 
 
+def assert_packed_equals_padded(model, samples, pad_id, row, computes=(lambda m, b: m(**b),)):
+    """The loss, label count and gradients of the samples packed into 2 micro-batches of rows of at
+    most `row` tokens (each compute: a micro-batch's (loss, label count)) equal the padded batch's.
+    -> the gradients' names."""
+    # a label on each first token: unpacked nothing predicts it, packed the sample before it must not
+    samples = [dict(s, labels=s["input_ids"][:1] + s["labels"][1:]) for s in samples]
+    padded = conversation.collate(samples, pad_id)
+    packed = conversation.collate_packed(samples, pad_id, row, 2)
+    assert sum(len(b["input_ids"]) for b in packed) < len(samples)  # rows of several samples
+    ref_loss, ref_count, ref = loss_and_gradients(model, padded, lambda m, b: m(**b))
+    for compute in computes:
+        loss, count, got = loss_and_gradients(model, packed, lambda m, _: summed([(m, b) for b in packed], compute))
+        assert count == ref_count > 0
+        # float64, but the cross-entropy is summed in fp32 (label_loss casts the logits): what is
+        # left is summation order; a gradient zero in exact arithmetic (the key bias before a
+        # softmax) is rounding noise, so norms below 1e-9 count as 1e-9
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+        assert relative(got, ref) <= 1e-6
+    return list(ref)
+
+
 @pytest.mark.parametrize("setting", ["plain", "lora", "grad-checkpointing", "block-diagonal-mask"])
 def test_packed_loss_and_gradients_equal_the_padded_batch(samples, tokenizer, setting):
     model, _, _ = build(lora=setting == "lora")
-    assert model.llm.config._attn_implementation == vlm.PER_SAMPLE
+    assert model.llm.config._attn_implementation == modeling_vlm.PER_SAMPLE
     if setting == "block-diagonal-mask":
         block_diagonal_mask(model)
     if setting == "grad-checkpointing":
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train.py
         model.train()  # checkpointing recomputes only in training mode (the toy LLM has no dropout)
-    # a label on each first token: unpacked nothing predicts it, packed the sample before it must not
-    samples = [dict(s, labels=s["input_ids"][:1] + s["labels"][1:]) for s in samples]
-    padded = conversation.collate(samples, tokenizer.pad_token_id)
-    packed = conversation.collate_packed(samples, tokenizer.pad_token_id, ROW, 2)
-    ref_loss, ref_count, ref = loss_and_gradients(model, padded, lambda m, b: m(**b))
-    for compute in (lambda m, b: m(**b), train_bench_all_positions):  # the label-only loss, and every position's
-        loss, count, got = loss_and_gradients(model, packed, lambda m, _: summed([(m, b) for b in packed], compute))
-        assert count == ref_count > 0
-        assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
-        # float64: what is left is summation order; a gradient zero in exact arithmetic (the key bias
-        # before a softmax) is rounding noise, so norms below 1e-9 count as 1e-9
-        assert relative(got, ref) <= 1e-6, setting
-    assert any("lora_A" in n for n in ref) == (setting == "lora")
+    names = assert_packed_equals_padded(model, samples, tokenizer.pad_token_id, ROW,
+                                        (lambda m, b: m(**b), train_bench_all_positions))  # label-only, every position
+    assert any("lora_A" in n for n in names) == (setting == "lora")
+
+
+@pytest.mark.parametrize("compressor", ["tokenpacker", "pool", "pixelshuffle", "resampler"])
+def test_every_compressor_keeps_its_visual_tokens_per_sample_when_packed(toy_data, tokenizer, compressor):
+    """QueCC above; the others' queries (TokenPacker's regions, the resampler's latents) and outputs
+    are each image's own too. At V = 16, which all of them make: samples of 41 to 126 tokens."""
+    model, _, _ = build(compressor=compressor, tokens=16)
+    names = assert_packed_equals_padded(model, toy_samples(toy_data, 16), tokenizer.pad_token_id, ROW + 12)
+    assert any(n.startswith("projector.") for n in names)
 
 
 def train_bench_all_positions(model, batch):
@@ -117,16 +144,16 @@ def train_bench_all_positions(model, batch):
     return all_positions_loss(model, batch)
 
 
-@pytest.mark.parametrize("attention", [vlm.PER_SAMPLE, "block-diagonal-mask"])
+@pytest.mark.parametrize("attention", [modeling_vlm.PER_SAMPLE, "block-diagonal-mask"])
 def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch, attention):
     """Change one sample's prompt and image: the hidden states the loss reads at the labels of the
     sample beside it in the row do not move (they would, were attention across samples, or the
     positions running on), and they are those of that sample alone."""
     model, _, _ = build()
-    if attention != vlm.PER_SAMPLE:
+    if attention != modeling_vlm.PER_SAMPLE:
         block_diagonal_mask(model)
-    at_labels, loss = [], vlm.label_loss
-    monkeypatch.setattr(vlm, "label_loss", lambda head, hidden, targets: at_labels.append(hidden) or loss(head, hidden, targets))
+    at_labels, loss = [], modeling_vlm.label_loss
+    monkeypatch.setattr(modeling_vlm, "label_loss", lambda head, hidden, targets: at_labels.append(hidden) or loss(head, hidden, targets))
     first, second = samples[2], samples[3]  # two image samples, 76 + 40 tokens: one row
     changed = dict(first, pixel_values=first["pixel_values"].flip(-1),
                    input_ids=[t if label != IGNORE or t == IMAGE_SLOT or k == 0 else (t + 1) % 300 + 3
@@ -148,12 +175,12 @@ def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypat
     """attend_per_sample runs sdpa on each sample's span (and on a row's padding, a span of its own),
     not on the whole row under a mask; an unpacked batch goes to sdpa whole, with its padding mask."""
     model, _, _ = build()
-    calls, sdpa = [], vlm.sdpa_attention_forward
+    calls, sdpa = [], modeling_vlm.sdpa_attention_forward
 
     def recorded(module, query, key, value, mask, **kwargs):
         calls.append((query.shape[0], query.shape[2], mask is not None))  # rows, length, masked
         return sdpa(module, query, key, value, mask, **kwargs)
-    monkeypatch.setattr(vlm, "sdpa_attention_forward", recorded)
+    monkeypatch.setattr(modeling_vlm, "sdpa_attention_forward", recorded)
     layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 76, 40 and 78 tokens: two rows
     packed = conversation.collate_packed(three, tokenizer.pad_token_id, ROW, 1)[0]
     padded = conversation.collate(three, tokenizer.pad_token_id)

@@ -4,7 +4,6 @@ checkpoint's own dtype; the dtypes are logged, and accelerate's settings that ar
 LoRA, QLoRA, 8-bit AdamW and FSDP over a bf16 checkpoint: tests/test_scale_out.py."""
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,7 +30,8 @@ def test_a_bf16_checkpoint_trains_to_the_weights_of_its_fp32_copy(toy_data, toy_
         assert "precision: weights fp32 (trained), fp32 (frozen); compute fp32" in result.stdout
         stdout[name] = result.stdout
         logs[name] = [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]
-        saved[name] = load_file(tmp_path / name / "llm" / "model.safetensors")
+        saved[name] = {k.removeprefix("llm."): v for k, v in load_file(tmp_path / name / "model.safetensors").items()
+                       if k.startswith("llm.")}
         # the fp32 masters and the optimizer's states, as the checkpoint holds them
         dtypes = checkpoint_dtypes(tmp_path / name / "checkpoints" / "step-0000006")
         assert any(".exp_avg_sq" in key for key in dtypes) and set(dtypes.values()) == {torch.float32}
@@ -42,7 +42,7 @@ def test_a_bf16_checkpoint_trains_to_the_weights_of_its_fp32_copy(toy_data, toy_
     assert "FSDP (offload_params true) (here: torch FSDP2" in line and "dynamo_backend INDUCTOR" in line
     assert logs["bf16"] == logs["fp32"]
     # saved in the dtype each checkpoint came in: the same trained weights, rounded to bf16 for the bf16 one
-    assert json.load(open(tmp_path / "bf16" / "llm" / "config.json"))["dtype"] == "bfloat16"
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
     assert {t.dtype for t in saved["bf16"].values()} == {torch.bfloat16}
     assert {t.dtype for t in saved["fp32"].values()} == {torch.float32}
     assert all(torch.equal(saved["fp32"][k].bfloat16(), saved["bf16"][k]) for k in saved["bf16"])

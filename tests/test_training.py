@@ -1,6 +1,7 @@
 """Model assembly and the two stages, run as a user runs them."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import conversation
 import llava_data
 import toy
 import vlm
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,16 @@ def test_directory_path_loads_the_same_model_as_the_preset(toy_dirs):
     assert torch.allclose(from_dirs.llm(ids).logits, preset.llm(ids).logits, atol=1e-6)
     pixels = torch.randn(1, 3, 96, 96)
     assert torch.allclose(from_dirs.encode_images(pixels)[1], preset.encode_images(pixels)[1], atol=1e-5)
-    assert from_dirs.config["key_layers"] == [3, 4, 6, 6] and from_dirs.config["grid"] == 24
+    assert from_dirs.config.key_layers == [3, 4, 6, 6] and from_dirs.config.grid == 24
+
+
+def test_a_model_given_by_a_relative_path_is_stored_as_it_loads_from_anywhere(toy_dirs, monkeypatch):
+    llm_dir, vision_dir = toy_dirs
+    monkeypatch.chdir(os.path.dirname(llm_dir))
+    model, _, _ = vlm.build("llm", "vision", 4, "quecc")
+    assert (model.config.llm, model.config.vision) == (llm_dir, vision_dir)  # config.json's names
+    monkeypatch.chdir(ROOT)
+    assert vlm.loadable("toy") == "toy"  # a preset, though the repository holds a toy/ folder
 
 
 def test_mixed_batch_equals_samples_one_by_one(toy_data, tokenizer):
@@ -62,10 +72,10 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
                "--output-dir", str(tmp_path / "s1"), "--max-steps", "10", "--batch-size", "16",
                "--standardize-features")
     s1 = tmp_path / "s1"
-    config = json.load(open(s1 / "vlm_config.json"))
-    assert config["tokens"] == 4 and config["compressor"] == "quecc" and config["key_layers"] == [3, 4, 6, 6]
+    config = vlm.read_config(s1)
+    assert config.tokens == 4 and config.compressor == "quecc" and config.key_layers == [3, 4, 6, 6]
     # QueCC keeps the human turn in stage 1 (it needs the question); images cropped as LLaVA's pretrain.sh
-    assert config["conv_template"] == "chat" and config["image_aspect"] == "crop" and config["loss_norm"] == "tokens"
+    assert config.conv_template == "chat" and config.image_aspect == "crop" and config.loss_norm == "tokens"
     assert (s1 / "projector.safetensors").exists() and not (s1 / "llm").exists()
     # --standardize-features: the projector holds each channel's mean and std over the training
     # images (all 160 caption images here, under the 256 it reads), computed here directly
@@ -87,8 +97,8 @@ def test_stage1_then_stage2_loss_falls(toy_data, toy_dirs, tmp_path):
 
     # the output directory loads for inference and reproduces the trained projector
     model, _, _ = vlm.load_pretrained(tmp_path / "s2")
-    assert (tmp_path / "s2" / "llm" / "model.safetensors").exists()
-    assert model.config["stage"] == 2 and model.config["image_aspect"] == "pad"
+    assert (tmp_path / "s2" / "model.safetensors").exists()
+    assert model.config.stage == 2 and model.config.image_aspect == "pad" and model.config.steps == 50
     assert torch.equal(model.projector.standardize_patches.mean, stats["standardize_patches.mean"])
 
 
@@ -159,7 +169,7 @@ def test_loss_norm_llava_is_the_mean_of_micro_batch_means(toy_data, tmp_path):
                "--image-folder", str(toy_data / "images"), "--output-dir", str(tmp_path), "--max-steps", "1",
                "--batch-size", "8", "--micro-batch-size", "2", "--num-workers", "0", "--loss-norm", "llava")
     logged = read_log(tmp_path)[0]
-    assert json.load(open(tmp_path / "vlm_config.json"))["loss_norm"] == "llava"
+    assert vlm.read_config(tmp_path).loss_norm == "llava"
     torch.manual_seed(42)  # train.py's default --seed, set before the model is built
     model, tokenizer, processor = vlm.build("toy", "toy", 4, "quecc")
     records = llava_data.load_records(toy_data / "pretrain.json", toy_data / "images")
@@ -215,5 +225,5 @@ def test_a_tokenizer_without_chat_template_trains_with_vicuna_v1(toy_data, tmp_p
     assert all(t.startswith(" ") and t.endswith("<|im_end|>") for t in shown["targets"])  # answer and EOS
     run_script("02_finetune.py", *common, "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4",
                "--projector", "none")
-    assert json.load(open(tmp_path / "out" / "vlm_config.json"))["conv_template"] == "vicuna_v1"
+    assert vlm.read_config(tmp_path / "out").conv_template == "vicuna_v1"
     assert all(math.isfinite(entry["loss"]) for entry in read_log(tmp_path / "out"))

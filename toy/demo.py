@@ -3,21 +3,26 @@
     python -m toy.demo                 # the default grid: 2 LLM sizes x V in 1, 16, 64, 2 seeds, then the fit
     python -m toy.demo --full          # 4 sizes x V in 1, 4, 16, 36, 64, 144, 576, 3 seeds
     python -m toy.demo --sizes toy-s --tokens 4          # one model
+    python -m toy.demo --compressors quecc,tokenpacker,pool,pixelshuffle,resampler   # the grid for each
     python -m toy.demo --print-real    # the launch lines of the paper's real grid
 
-For every (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2 (02_finetune.py),
-evaluation on the held-out reasoning and OCR questions (03_evaluate.py); then the law fitted
-per split (04_fit_scaling.py) on the cell means, its bootstrap redrawing the seeds of each cell.
+For every compressor, (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2
+(02_finetune.py, scoring reasoning questions as it trains), evaluation on the held-out reasoning and
+OCR questions (03_evaluate.py); then the
+law fitted per compressor and split (04_fit_scaling.py) on the cell means, its bootstrap redrawing
+the seeds of each cell. A V a compressor cannot make (pixel shuffle below V = 9) is skipped and named.
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
 seed-to-seed spread. Every step is a repo script run as a user would run it, and
 is skipped when its output exists, so a killed demo picks up where it stopped (and a kill ends
 the script it is running too). The frozen vision tower's features are computed once per image
 (--feature-cache) and reused by every run, epoch and evaluation.
 
-Outputs in --out: scores.csv (params_b, tokens, seed, benchmark, score per run), fit_reasoning.json
-and fit_ocr.json with the plots in fit_reasoning/ and fit_ocr/, summary.md, timings.json
-(seconds per run, summed over resumes; "total" is this invocation's wall time), demo.log
-(every script's output), and data/, cache/, runs/.
+Outputs in --out: scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
+fit_COMPRESSOR_reasoning.json and fit_COMPRESSOR_ocr.json with the plots in fit_COMPRESSOR_reasoning/
+and fit_COMPRESSOR_ocr/, summary.md (with learning_curves.png and, with several compressors,
+accuracy_vs_tokens.png beside it),
+timings.json (seconds per run, summed over resumes; "total" is this invocation's wall time),
+demo.log (every script's output), and data/, cache/, runs/.
 """
 import argparse
 import csv
@@ -34,8 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+import compressors
 import runs
 import toy
+import vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
@@ -48,6 +55,8 @@ FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes and stage-2 learning rate of the toy runs (the rate up to width 128, see stage2_lr).
 # (Batches of 4 at 1e-3 learn more per sample, but 800 such steps took 22.5 min for less.)
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 1.5e-3
+# Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
+CURVE_POINTS, CURVE_QUESTIONS = 8, 100
 
 # The paper's scaling grid (section 3.2): Qwen1.5 chat LLMs x V, LLaVA-1.5 data, both suites, TokenPacker
 # compression, stage-2 batch doubled to 256; the fit on the nominal sizes (the release's values.py).
@@ -56,30 +65,36 @@ REAL_LLMS = {"Qwen/Qwen1.5-0.5B-Chat": 0.5, "Qwen/Qwen1.5-1.8B-Chat": 1.8, "Qwen
 REAL_TOKENS = [1, 4, 16, 36, 64, 144, 576]
 REAL_REASONING = "mme,gqa,ai2d,mmbench,mmmu,scienceqa,mathvista,pope,chartqa"
 REAL_OCR = "docvqa,textvqa"
+REAL_GRID = 24  # CLIP ViT-L/14 at 336 px: 24 x 24 patches
 
 
-def print_real():
-    """The real grid as shell lines: 4 LLMs x 7 token counts, both stages, evaluation, fit. Data, stage 1's
-    output and evaluation data are the scripts' defaults (docs/data.md), so the lines run as printed."""
-    print("# The paper's scaling grid (section 3.2) on one 8-GPU node: 28 VLMs, then one fit per suite.")
-    print("# TokenPacker at every V (at 576 one query per patch), stage-2 global batch 256, HF Trainer's loss")
+def print_real(compressor):
+    """The real grid as shell lines: 4 LLMs x the 7 token counts (those the compressor makes), both
+    stages, evaluation, fit. Data, stage 1's output and evaluation data are the scripts' defaults
+    (docs/data.md), so the lines run as printed."""
+    tokens = [v for v in REAL_TOKENS if v in compressors.valid_tokens(compressor, REAL_GRID)]
+    print(f"# The paper's scaling grid (section 3.2) on one 8-GPU node: {4 * len(tokens)} VLMs, then one fit per suite.")
+    if len(tokens) < len(REAL_TOKENS):
+        print(f"# {compressor} cannot make V = {', '.join(str(v) for v in REAL_TOKENS if v not in tokens)} on "
+              f"CLIP-L/336's {REAL_GRID}x{REAL_GRID} patches: those cells are left out.")
+    print(f"# --compressor {compressor} (the paper's: tokenpacker, at 576 one query per patch), stage-2 global batch 256, "
+          "HF Trainer's loss")
     print("# normalisation, which averages over micro-batches: so the per-GPU micro-batch is LLaVA-1.5's (32 in")
     print("# stage 1, 16 in stage 2, on 8 GPUs). results.jsonl carries the nominal LLM size the fit uses (--params-b).")
     print("# Data: LLaVA-1.5's, laid out under data/ as docs/data.md shows; benchmarks converted with")
     print("# data_prep/convert_benchmarks.py into data/eval/.")
-    compressor = "tokenpacker"
     recipe = f"--compressor {compressor} --loss-norm llava --save-every 500 --resume"
     for llm, params_b in REAL_LLMS.items():
-        for v in REAL_TOKENS:
+        for v in tokens:
             print(f"accelerate launch 01_pretrain_projector.py --llm {llm} --tokens {v} {recipe} --micro-batch-size 32")
             print(f"accelerate launch 02_finetune.py --llm {llm} --tokens {v} {recipe} --batch-size 256 "
                   "--micro-batch-size 16 --grad-checkpointing --group-by-length")
             print(f"accelerate launch 03_evaluate.py --model runs/{llm.split('/')[-1]}-{compressor}-v{v}/stage2 "
                   f"--params-b {params_b:g} --bench {REAL_REASONING},{REAL_OCR}")
-    print(f"cat runs/*-{compressor}-v*/stage2/eval/results.jsonl > runs/all_results.jsonl")
-    print(f"python 04_fit_scaling.py --scores runs/all_results.jsonl --suite {REAL_REASONING} "
-          "--output-dir runs/fit_reasoning")
-    print(f"python 04_fit_scaling.py --scores runs/all_results.jsonl --suite {REAL_OCR} --output-dir runs/fit_ocr")
+    print(f"cat runs/*-{compressor}-v*/stage2/eval/results.jsonl > runs/{compressor}_results.jsonl")
+    for split, suite in (("reasoning", REAL_REASONING), ("ocr", REAL_OCR)):
+        print(f"python 04_fit_scaling.py --scores runs/{compressor}_results.jsonl --suite {suite} "
+              f"--output-dir runs/fit_{compressor}_{split}")
 
 
 def parse_args():
@@ -89,7 +104,9 @@ def parse_args():
     p.add_argument("--tokens", help=f"visual token counts, comma-separated (default {DEFAULT_GRID[1]})")
     p.add_argument("--full", action="store_true", help=f"sizes {FULL_GRID[0]}, tokens {FULL_GRID[1]}")
     p.add_argument("--print-real", action="store_true", help="print the real-scale grid's commands and exit")
-    p.add_argument("--compressor", default="quecc")
+    p.add_argument("--compressors", "--compressor", dest="compressors", metavar="NAMES",
+                   help="comma-separated, each trained on the whole grid and fitted apart: "
+                        f"{', '.join(compressors.COMPRESSORS)} (default quecc; with --print-real tokenpacker, the paper's)")
     p.add_argument("--vision", default="toy", help="toy, or a directory of a CLIP vision model")
     p.add_argument("--stage1-steps", type=int, default=10)
     p.add_argument("--stage2-steps", type=int, default=400, help="(at 200, seeds of a cell differed by up to "
@@ -110,12 +127,17 @@ def parse_args():
         p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.sizes = (args.sizes or sizes).split(",")
     args.tokens = [int(t) for t in (args.tokens or tokens).split(",")]
+    args.compressors = list(dict.fromkeys((args.compressors or ("tokenpacker" if args.print_real else "quecc")).split(",")))
+    unknown = [name for name in args.compressors if name not in compressors.COMPRESSORS]
+    if unknown:
+        p.error(f"unknown compressor {unknown[0]!r}; choose from {', '.join(compressors.COMPRESSORS)}")
     return args
 
 
-# The settings that decide what every run in --out learns (the grid only decides which runs): flags,
-# and those set in this file, named here as the refusal names them.
-RUN_SETTINGS = ("compressor", "vision", "stage1_steps", "stage2_steps", "num_train", "num_eval", "seeds")
+# The settings that decide what every run in --out learns (the grid, compressors included, only decides
+# which runs: a run's directory names its compressor): flags, and those set in this file, named here as
+# the refusal names them.
+RUN_SETTINGS = ("vision", "stage1_steps", "stage2_steps", "num_train", "num_eval", "seeds")
 CODE_SETTINGS = {"stage1_batch": "stage-1 batch size", "stage2_batch": "stage-2 batch size",
                  "stage2_lr": "stage-2 learning rates"}
 
@@ -136,6 +158,9 @@ def check_settings(out, args):
                     stage2_lr={size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)})
     if os.path.exists(path):
         saved = json.load(open(path))
+        if "compressor" in saved:  # one compressor per --out, its runs named without it
+            sys.exit(f"error: {out} holds runs of an earlier demo, named without their compressor "
+                     f"({saved['compressor']}); use another --out, or delete it")
         changed = [f"{CODE_SETTINGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {v})"
                    for k, v in settings.items() if saved.get(k) != v]
         if changed:
@@ -183,24 +208,24 @@ def end_with_the_demo(signum, frame):
         os.kill(os.getpid(), signum)
 
 
-def run_dirs(out, size, tokens, seed):
+def run_dirs(out, compressor, size, tokens, seed):
     """-> (name, stage-1, stage-2 and evaluation directories) of one grid point's run with one seed."""
-    name = f"{size}-v{tokens}-s{seed}"
+    name = f"{compressor}-{size}-v{tokens}-s{seed}"
     return (name, *(os.path.join(out, "runs", name, part) for part in ("stage1", "stage2", "eval")))
 
 
-def train_and_evaluate(args, size, tokens, seed, out, bar, stage1_only=False):
+def train_and_evaluate(args, compressor, size, tokens, seed, out, bar, stage1_only=False):
     """Stage 1, stage 2 and evaluation of one grid point with one seed; each step skipped if already done.
     -> seconds its steps took, counted across invocations (kept in the run's seconds.json), so a
     resumed demo still reports what every run cost."""
     data = os.path.join(out, "data")
-    name, stage1, stage2, evaluation = run_dirs(out, size, tokens, seed)
+    name, stage1, stage2, evaluation = run_dirs(out, compressor, size, tokens, seed)
     log = os.path.join(out, "runs", name, "log.txt")
     seconds_file = os.path.join(out, "runs", name, "seconds.json")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     seconds = json.load(open(seconds_file)) if os.path.exists(seconds_file) else {}
     common = ["--vision", args.vision, "--image-folder", os.path.join(data, "images"),
-              "--feature-cache", os.path.join(out, "cache"), "--compressor", args.compressor, "--num-workers", "0", "--seed", str(seed)]
+              "--feature-cache", os.path.join(out, "cache"), "--compressor", compressor, "--num-workers", "0", "--seed", str(seed)]
     threads = 1 if args.jobs > 1 else None
 
     redo = False  # once a step runs, the steps after it, which read its output, run again too
@@ -215,7 +240,7 @@ def train_and_evaluate(args, size, tokens, seed, out, bar, stage1_only=False):
             with open(seconds_file, "w") as f:
                 json.dump(seconds, f, indent=2)
 
-    step(os.path.join(stage1, "vlm_config.json"),  # written last: the output is complete
+    step(os.path.join(stage1, vlm.CONFIG_FILE),  # written last: the output is complete
          "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
          "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
          "--max-steps", str(args.stage1_steps), "--standardize-features",
@@ -224,12 +249,16 @@ def train_and_evaluate(args, size, tokens, seed, out, bar, stage1_only=False):
     if stage1_only:
         return
     bar.update()
-    step(os.path.join(stage2, "vlm_config.json"),
+    step(os.path.join(stage2, vlm.CONFIG_FILE),
          "02_finetune.py", "--llm", size, "--tokens", str(tokens), *common, "--projector", stage1,
          "--data", os.path.join(data, "finetune.json"), "--output-dir", stage2,
          "--max-steps", str(args.stage2_steps),
          "--batch-size", str(STAGE2_BATCH), "--micro-batch-size", str(STAGE2_BATCH),
-         "--lr", str(stage2_lr(size)), threads=threads)
+         "--lr", str(stage2_lr(size)),
+         # the learning curves (learning_curves): reasoning questions scored as the run trains
+         "--eval-every", str(max(1, args.stage2_steps // CURVE_POINTS)), "--eval-bench", SPLITS["reasoning"],
+         "--eval-limit", str(CURVE_QUESTIONS), "--eval-data-root", os.path.join(data, "eval"),
+         "--eval-max-new-tokens", "4", threads=threads)
     bar.update()
     step(os.path.join(evaluation, "results.jsonl"),
          "03_evaluate.py", "--model", stage2, "--bench", ",".join(SPLITS.values()),
@@ -239,15 +268,16 @@ def train_and_evaluate(args, size, tokens, seed, out, bar, stage1_only=False):
     return round(sum(seconds.values()), 1)
 
 
-def read_run(out, size, tokens, seed):
+def read_run(out, compressor, size, tokens, seed):
     """The score rows of one finished run."""
-    _, _, stage2, evaluation = run_dirs(out, size, tokens, seed)
+    _, _, stage2, evaluation = run_dirs(out, compressor, size, tokens, seed)
     losses = [json.loads(line)["loss"] for line in open(os.path.join(stage2, "log.jsonl"))]
     window = max(1, min(10, len(losses) // 2))  # the first and last ten steps; in a short run, halves that do not overlap
     rows = []
     for result in map(json.loads, open(os.path.join(evaluation, "results.jsonl"))):
         metrics = json.load(open(os.path.join(evaluation, result["benchmark"], "metrics.json")))
-        rows.append(dict(run=f"{size}-v{tokens}", seed=seed, params_b=result["params_b"], tokens=tokens,
+        rows.append(dict(run=f"{compressor}-{size}-v{tokens}", compressor=compressor, seed=seed,
+                         params_b=result["params_b"], tokens=tokens,
                          benchmark=result["benchmark"],
                          score=result["normalized"], per_category=metrics.get("per_category", {}),
                          loss_first=mean(losses[:window]), loss_last=mean(losses[-window:])))
@@ -341,20 +371,65 @@ def spread_text(values, scale=1):
     return f"{mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
-def write_summary(out, rows, fits, baselines, noisy, args, seconds):
-    """summary.md: the accuracy table, the fits, and what they say about the paper's findings."""
+def learning_curves(out, grid, baselines):
+    """learning_curves.png, a panel per cell (LLM size and V): each reasoning question type's accuracy
+    over stage 2's steps, the mean over the seeds (02_finetune.py --eval-every, in its log.jsonl). -> the
+    summary's lines: the plot, and per cell the step at which each type first passed its learned bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = defaultdict(lambda: defaultdict(list))  # cell -> (type, step) -> the seeds' accuracies
+    for compressor, size, tokens, seed in grid:
+        stage2 = run_dirs(out, compressor, size, tokens, seed)[2]
+        for entry in map(json.loads, open(os.path.join(stage2, "log.jsonl"))):
+            for category, accuracy in entry.get("eval", {}).get(SPLITS["reasoning"], {}).get("per_category", {}).items():
+                curves[f"{compressor}-{size}-v{tokens}"][category, entry["step"]].append(accuracy)
+    if not curves:  # runs trained before the demo scored them as they trained
+        return []
+    categories = sorted(baselines["reasoning"])
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), layout="constrained", squeeze=False)
+    lines = ["## When each question type was learned", "",
+             f"Stage 2's first step at which a type's accuracy (the mean over the seeds, on the first {CURVE_QUESTIONS} "
+             "held-out reasoning questions) passed its learned bar (twice the majority-answer baseline, or halfway "
+             "to 100%); - where it never did.", "", "![accuracy per question type over stage 2's steps]"
+             "(learning_curves.png)", "", "| run | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for ax, (cell, accuracies) in zip(axes[0], curves.items()):
+        learned = []
+        for category in categories:
+            steps = sorted(step for c, step in accuracies if c == category)
+            means = [mean(accuracies[category, step]) for step in steps]
+            ax.plot(steps, means, marker=".", label=category)
+            learned.append(next((str(step) for step, m in zip(steps, means)
+                                 if m > 100 * learned_bar(baselines["reasoning"][category])), "-"))
+        ax.set(title=cell, xlabel="stage-2 step", ylim=(0, 100))
+        lines.append(f"| {cell} | " + " | ".join(learned) + " |")
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.savefig(os.path.join(out, "learning_curves.png"), dpi=100)
+    plt.close(fig)
+    return lines + [""]
+
+
+def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=()):
+    """summary.md: the accuracy table, the fits per compressor, when each question type was learned
+    (curves: learning_curves' lines) and what they say about the paper's findings. skipped:
+    {compressor: the V of the grid it cannot make}."""
     pct = (lambda x: f"{100 * x:.1f}")
     categories = sorted(baselines["reasoning"])
     seeds = sorted({r["seed"] for r in rows})
+    several = len(args.compressors) > 1
     lines = ["# Toy-world scaling study", "",
-             f"Grid: LLMs {', '.join(args.sizes)} x V in {', '.join(map(str, args.tokens))}, compressor "
-             f"{args.compressor}, {len(seeds)} training seed{'s' * (len(seeds) > 1)} per cell "
+             f"Grid: LLMs {', '.join(args.sizes)} x V in {', '.join(map(str, args.tokens))}, compressor"
+             f"{'s' * several} {', '.join(args.compressors)}, {len(seeds)} training seed{'s' * (len(seeds) > 1)} per cell "
              f"({', '.join(map(str, seeds))}); stage 1 {args.stage1_steps} steps of {STAGE1_BATCH} samples, stage 2 "
              f"{args.stage2_steps} steps of {STAGE2_BATCH} (lr " +
              ", ".join(f"{size} {stage2_lr(size):g}" for size in args.sizes) + "); "
              f"{args.num_train} training images, {args.num_eval} held-out images. "
              f"Wall time of this invocation {seconds / 60:.1f} min. Accuracy in percent: the mean over the seeds "
-             "(min-max) where there are several.", "",
+             "(min-max) where there are several." + "".join(
+                 f" Not made: {compressor} at V = {', '.join(map(str, tokens))} (it cannot make "
+                 f"{'that count' if len(tokens) == 1 else 'those counts'} from the patch grid)."
+                 for compressor, tokens in skipped.items() if tokens), "",
              "| run | params | V | reasoning | " + " | ".join(c + "*" * (c in noisy["reasoning"]) for c in categories)
              + " | OCR | stage-2 loss |",
              "|---|---|---|---|" + "---|" * len(categories) + "---|---|"]
@@ -380,33 +455,82 @@ def write_summary(out, rows, fits, baselines, noisy, args, seconds):
     best = {c: max(max(values) for values in per_type[c].values()) for c in categories}
     lines += ["", "Best run per question type, as a multiple of the majority-answer baseline: " +
               ", ".join(f"{c} {best[c] / (100 * baselines['reasoning'][c]):.1f}x" for c in categories) + ".", ""]
+    if several:
+        plot_accuracy(out, rows, args)
+        lines += ["![mean accuracy against V, per compressor and LLM size](accuracy_vs_tokens.png)", ""]
     if fits:
-        lines += ["## Fitted law, error = A N^-alpha V^-beta + D (95% bootstrap intervals)", "",
-                  "Fitted to the cell means; the bootstrap redraws the cells and the seeds within each, so the "
-                  "intervals include the training noise.", "",
-                  "| split | alpha | beta | A | D | R² |", "|---|---|---|---|---|---|"]
-        for split, fit in fits.items():
-            if "failed" in fit:
-                lines.append(f"| {split} | not fitted: {fit['failed']} | | | | |")
-                continue
-            ci = (lambda k: f"[{fit[k + '_ci'][0]:.4f}, {fit[k + '_ci'][1]:.4f}]" if fit.get(k + "_ci") else "")
-            lines.append(f"| {split} | {fit['alpha']:.4f} {ci('alpha')} | {fit['beta']:.4f} {ci('beta')} | "
-                         f"{fit['A']:.3f} | {fit['D']:.3f} | {fit.get('r2', float('nan')):.3f} |")
-        # a value on the edge of the paper's search box is the box's answer, not the data's
-        edges = [f"{split}: {name} = {fit[name]:.4g} on the {side} edge of [{fit['box'][name][0]:g}, "
-                 f"{fit['box'][name][1]:g}]" for split, fit in fits.items() for name, side in fit.get("on_edge", {}).items()]
-        if edges:
-            lines += ["", "On the edge of the paper's search box (04_fit_scaling.py --range widens it), so "
-                      "set by the box rather than the data: " + "; ".join(edges) + "."]
-        grids = [f"{split} alpha {fit['grid']['alpha']:.4f}, beta {fit['grid']['beta']:.4f}"
-                 for split, fit in fits.items() if "grid" in fit]
-        if grids:  # what the release's grid search finds (at its median); the table is the refined fit
-            lines += ["", "Whole-grid optimum (the number to compare with the release's): " + "; ".join(grids) + "."]
-        lines += ["", "Paper (visual reasoning, Qwen1.5 0.5B-7B): alpha 0.077, beta 0.015 (one draw of the "
-                  "release's random 20% search; its whole grid gives 0.0747, 0.0162).", ""]
-    lines += ["## Does the toy world reproduce the paper?", "", findings(rows, fits, noisy, baselines)]
+        lines += fit_section(rows, fits, args)
+    lines += curves
+    paragraphs = [findings([r for r in rows if r["compressor"] == compressor], fits.get(compressor, {}), noisy, baselines)
+                  for compressor in args.compressors]
+    if several:
+        paragraphs = [f"*{compressor}*: {text}" for compressor, text in zip(args.compressors, paragraphs)]
+    lines += ["## Does the toy world reproduce the paper?", "", "\n\n".join(paragraphs)]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def accuracy_at(rows, compressor, split, tokens):
+    """A compressor's mean accuracy in percent at V = tokens, over LLM sizes and seeds."""
+    scores = [r["score"] for r in rows
+              if (r["compressor"], r["benchmark"], r["tokens"]) == (compressor, SPLITS[split], tokens)]
+    return f"{100 * mean(scores):.1f}" if scores else "not made"
+
+
+def fit_section(rows, fits, args):
+    """The fitted law per compressor and split, with the accuracy at the grid's fewest and most tokens."""
+    lo, hi = min(args.tokens), max(args.tokens)
+    lines = ["## Fitted law, error = A N^-alpha V^-beta + D (95% bootstrap intervals)", "",
+             "Fitted per compressor to the cell means; the bootstrap redraws the cells and the seeds within each, so "
+             "the intervals include the training noise. Accuracy: the mean over LLM sizes and seeds.", "",
+             f"| compressor | split | alpha | beta | A | D | R² | accuracy at V = {lo} | at V = {hi} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for compressor, by_split in fits.items():
+        for split, fit in by_split.items():
+            accuracy = f"{accuracy_at(rows, compressor, split, lo)} | {accuracy_at(rows, compressor, split, hi)}"
+            if "failed" in fit:
+                lines.append(f"| {compressor} | {split} | not fitted: {fit['failed']} | | | | | {accuracy} |")
+                continue
+            value = (lambda k, digits: f"{fit[k]:.{digits}f}" + (
+                f" [{fit[k + '_ci'][0]:.{digits}f}, {fit[k + '_ci'][1]:.{digits}f}]" if fit.get(k + "_ci") else ""))
+            lines.append(f"| {compressor} | {split} | {value('alpha', 4)} | {value('beta', 4)} | {value('A', 3)} | "
+                         f"{value('D', 3)} | {fit.get('r2', float('nan')):.3f} | {accuracy} |")
+    named = [(f"{compressor} {split}" if len(fits) > 1 else split, fit)
+             for compressor, by_split in fits.items() for split, fit in by_split.items()]
+    # a value on the edge of the paper's search box is the box's answer, not the data's
+    edges = [f"{name}: {p} = {fit[p]:.4g} on the {side} edge of [{fit['box'][p][0]:g}, {fit['box'][p][1]:g}]"
+             for name, fit in named for p, side in fit.get("on_edge", {}).items()]
+    if edges:
+        lines += ["", "On the edge of the paper's search box (04_fit_scaling.py --range widens it), so "
+                  "set by the box rather than the data: " + "; ".join(edges) + "."]
+    grids = [f"{name} alpha {fit['grid']['alpha']:.4f}, beta {fit['grid']['beta']:.4f}"
+             for name, fit in named if "grid" in fit]
+    if grids:  # what the release's grid search finds (at its median); the table is the refined fit
+        lines += ["", "Whole-grid optimum (the number to compare with the release's): " + "; ".join(grids) + "."]
+    return lines + ["", "Paper (visual reasoning, Qwen1.5 0.5B-7B, TokenPacker): alpha 0.077, beta 0.015 (one draw "
+                    "of the release's random 20% search; its whole grid gives 0.0747, 0.0162).", ""]
+
+
+def plot_accuracy(out, rows, args):
+    """accuracy_vs_tokens.png: mean accuracy over the seeds against V, a colour per compressor and a
+    line style per LLM size, a panel per split."""
+    import matplotlib  # here: a one-compressor demo draws nothing
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scores = defaultdict(list)  # (benchmark, compressor, LLM size, V) -> the seeds' scores
+    for r in rows:
+        scores[r["benchmark"], r["compressor"], r["params_b"], r["tokens"]].append(100 * r["score"])
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(11, 4.5), layout="constrained")
+    for ax, (split, bench) in zip(axes, SPLITS.items()):
+        for colour, compressor in zip(plt.get_cmap("tab10").colors, args.compressors):
+            for style, size in zip(("-", "--", ":", "-."), sorted({r["params_b"] for r in rows})):
+                tokens = sorted(v for b, c, n, v in scores if (b, c, n) == (bench, compressor, size))
+                ax.plot(tokens, [mean(scores[bench, compressor, size, v]) for v in tokens], style, color=colour,
+                        marker="o", label=f"{compressor}, {size * 1e3:.2f}M")
+        ax.set(xscale="log", xlabel="visual tokens V", ylabel="accuracy (%)", title=f"{split} ({bench})")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.savefig(os.path.join(out, "accuracy_vs_tokens.png"), dpi=120)
+    plt.close(fig)
 
 
 def findings(rows, fits, noisy, baselines):
@@ -453,21 +577,80 @@ def findings(rows, fits, noisy, baselines):
     return " ".join(text)
 
 
+def grid_points(args):
+    """-> the runs to make, (compressor, size, V, seed) each, and {compressor: the V of --tokens it
+    cannot make (skipped)}. A compressor that makes none of them is refused, naming those it makes."""
+    with vlm.loading("vision tower", args.vision):
+        grid = vlm.vision_grid(args.vision)  # its config alone
+    points, skipped = [], {}
+    for compressor in args.compressors:
+        made = [v for v in args.tokens if v in compressors.valid_tokens(compressor, grid)]
+        if not made:
+            try:
+                compressors.check_token_count(args.tokens[0], grid, compressor)
+            except ValueError as e:
+                sys.exit(f"error: {e}")
+        skipped[compressor] = [v for v in args.tokens if v not in made]
+        points += [(compressor, size, v, seed) for size in args.sizes for v in made for seed in range(1, args.seeds + 1)]
+    return points, skipped
+
+
+def write_scores(out, rows):
+    """scores.csv: a row per run and split, what 04_fit_scaling.py reads."""
+    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
+        columns = ["run", "compressor", "seed", "params_b", "tokens", "benchmark", "score", "score_all_types",
+                   "loss_first", "loss_last"]
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def fit_laws(out, log, rows, noisy, baselines):
+    """{compressor: {split: its fit.json, or {"failed": why}}}: 04_fit_scaling.py on each compressor's
+    rows of scores.csv; none where the grid has one LLM size or one V (the law needs two of each)."""
+    if len({r["params_b"] for r in rows}) < 2 or len({r["tokens"] for r in rows}) < 2:
+        return {}
+    fits = {}
+    for compressor in dict.fromkeys(r["compressor"] for r in rows):
+        made = {r["tokens"] for r in rows if r["compressor"] == compressor}
+        fits[compressor] = {split: fit_law(out, log, compressor, split, noisy, baselines) if len(made) > 1 else
+                            {"failed": f"it makes one V of the grid ({min(made)})"} for split in SPLITS}
+    return fits
+
+
+def fit_law(out, log, compressor, split, noisy, baselines):
+    """One compressor's law on one split: fit_COMPRESSOR_SPLIT.json and its plots in fit_COMPRESSOR_SPLIT/."""
+    name = os.path.join(out, f"fit_{compressor}_{split}")
+    if os.path.exists(name + ".json"):  # from an earlier invocation: replaced, or gone if this fit fails
+        os.remove(name + ".json")
+    if set(noisy[split]) == set(baselines[split]):  # nothing but answer priors to fit
+        return {"failed": f"every question type {NOT_LEARNED}"}
+    try:
+        run(log, "04_fit_scaling.py", "--scores", os.path.join(out, "scores.csv"), "--compressor", compressor,
+            "--suite", SPLITS[split], "--output-dir", name, "--bootstrap", "200")
+    except StepFailed as e:  # e.g. every run at the same accuracy: say so in the summary
+        print(f"warning: {e}")
+        return {"failed": open(log).read().strip().splitlines()[-1]}
+    shutil.copy(os.path.join(name, "fit.json"), name + ".json")
+    return json.load(open(name + ".json"))
+
+
 def main():
     args = parse_args()
     if args.print_real:
-        print_real()
+        for compressor in args.compressors:
+            print_real(compressor)
         return
     started = time.time()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
             signal.signal(signum, end_with_the_demo)
     out = os.path.abspath(args.out)
+    grid, skipped = grid_points(args)
     runs.lock_directory(out)  # one demo at a time in one --out
     check_settings(out, args)
     log = os.path.join(out, "demo.log")
     data = os.path.join(out, "data")
-    grid = [(size, tokens, seed) for size in args.sizes for tokens in args.tokens for seed in range(1, args.seeds + 1)]
 
     bar = tqdm(total=1 + 3 * len(grid) + 1, desc="demo")
     if not os.path.exists(os.path.join(data, "finetune.json")):
@@ -479,7 +662,7 @@ def main():
     # the first stage 1 runs alone: it fills the feature cache the other runs then share
     train_and_evaluate(args, *grid[0], out, bar, stage1_only=True)
     # the largest models first, so the last to finish are short
-    order = sorted(grid, key=lambda point: (-args.sizes.index(point[0]), -point[1]))
+    order = sorted(grid, key=lambda point: (-args.sizes.index(point[1]), -point[2]))
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
             spent = dict(zip(order, pool.map(lambda point: train_and_evaluate(args, *point, out, bar), order)))
@@ -493,37 +676,15 @@ def main():
     noisy = noisy_types(rows, baselines)
     rows = score_kept_types(rows, noisy, counts)
 
-    with open(os.path.join(out, "scores.csv"), "w", newline="") as f:
-        columns = ["run", "seed", "params_b", "tokens", "benchmark", "score", "score_all_types", "loss_first", "loss_last"]
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    fits = {}
-    if len(args.sizes) > 1 and len(args.tokens) > 1:  # the law needs more than one N and one V
-        for split, bench in SPLITS.items():
-            folder = os.path.join(out, f"fit_{split}")
-            try:
-                if set(noisy[split]) == set(baselines[split]):  # nothing but answer priors to fit
-                    fits[split] = {"failed": f"every question type {NOT_LEARNED}"}
-                else:
-                    run(log, "04_fit_scaling.py", "--scores", os.path.join(out, "scores.csv"), "--suite", bench,
-                        "--output-dir", folder, "--bootstrap", "200")
-            except StepFailed as e:  # e.g. every run at the same accuracy: say so in the summary
-                fits[split] = {"failed": open(log).read().strip().splitlines()[-1]}
-                print(f"warning: {e}")
-            if "failed" in fits.get(split, {}):
-                if os.path.exists(os.path.join(out, f"fit_{split}.json")):  # from an earlier invocation
-                    os.remove(os.path.join(out, f"fit_{split}.json"))
-                continue
-            shutil.copy(os.path.join(folder, "fit.json"), os.path.join(out, f"fit_{split}.json"))
-            fits[split] = json.load(open(os.path.join(folder, "fit.json")))
+    write_scores(out, rows)
+    fits = fit_laws(out, log, rows, noisy, baselines)
     bar.update()
     bar.close()
     seconds = time.time() - started
     timings["total"] = round(seconds, 1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
-    write_summary(out, rows, fits, baselines, noisy, args, seconds)
+    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, learning_curves(out, grid, baselines))
     print(open(os.path.join(out, "summary.md")).read())
     print(f"outputs in {out}")
 

@@ -65,8 +65,8 @@ class FeatureCache:
         self.model, self.image_processor, self.batch_size = model, image_processor, batch_size
         self.aspect = aspect  # conversation.load_image's
         depth = model.vision.config.num_hidden_layers + 1  # hidden_states: embeddings + each layer
-        self.select = model.config["select_layer"] % depth
-        keys = [k % depth for k in model.config["key_layers"]]
+        self.select = model.config.select_layer % depth
+        keys = [k % depth for k in model.config.key_layers]
         # every compressor's layers are stored, so runs of different compressors write identical files
         self.layers = sorted({self.select, *keys})
         self.keys = keys if model.projector.needs_multi_level else None
