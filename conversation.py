@@ -15,6 +15,7 @@ label spans placed by character offsets:
 Sequences start with BOS when the tokenizer adds one by default (Llama, Vicuna, Mistral; Qwen
 adds none), as LLaVA's tokenizer_image_token does; never two.
 """
+import math
 import os
 from contextlib import nullcontext
 
@@ -288,18 +289,75 @@ def collate(samples, pad_id, left=False):
     # token without label or image: FSDP ranks must all run the model alike.
     samples = [s for s in samples if s is not None] or [
         dict(input_ids=[pad_id], labels=[IGNORE], query_ids=[pad_id], pixel_values=None)]
-    images = [s for s in samples if has_image(s)]
     batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id, left),
                  labels=pad([s["labels"] for s in samples], IGNORE, left),
                  attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0, left))
+    return dict(batch, **per_sample(samples, pad_id))
+
+
+def per_sample(samples, pad_id):
+    """What stays one per sample however the tokens are laid out: QueCC's question, whether an
+    image comes, and the images (or cached features) of those that have one, in sample order."""
+    images = [s for s in samples if has_image(s)]
     # Every sample carries its question, text-only ones too: under FSDP every rank must run the
     # (sharded) LLM the same number of times, so the question pass cannot depend on the batch.
-    batch["query_ids"] = pad([s["query_ids"] for s in samples], pad_id)
-    batch["query_mask"] = pad([[1] * len(s["query_ids"]) for s in samples], 0)
-    batch["has_image"] = torch.tensor([has_image(s) for s in samples])
+    fields = dict(query_ids=pad([s["query_ids"] for s in samples], pad_id),
+                  query_mask=pad([[1] * len(s["query_ids"]) for s in samples], 0),
+                  has_image=torch.tensor([has_image(s) for s in samples]))
     if images and images[0].get("features") is not None:
         patches, multi_level = zip(*(s["features"] for s in images))
-        batch["features"] = (torch.stack(patches), None if multi_level[0] is None else torch.stack(multi_level))
+        fields["features"] = (torch.stack(patches), None if multi_level[0] is None else torch.stack(multi_level))
     elif images:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in images])
-    return batch
+        fields["pixel_values"] = torch.stack([s["pixel_values"] for s in images])
+    return fields
+
+
+# ---------------------------------------------------------------- packing (--packing)
+
+def pack(lengths, max_length, rows=1):
+    """Whole samples into rows of at most max_length tokens, at least `rows` rows (fewer only when
+    there are fewer samples): -> rows of sample indices, the longest row first. Longest sample
+    first, each into the row holding the fewest tokens (LPT), over the fewest rows that take them
+    all: the rows come out nearly equally long, so padding them to the longest wastes little."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # ties in index order: deterministic
+    for count in range(min(len(lengths), max(rows, math.ceil(sum(lengths) / max_length))), len(lengths) + 1):
+        rows_of, loads = [[] for _ in range(count)], [0] * count
+        for i in order:
+            emptiest = loads.index(min(loads))
+            if loads[emptiest] + lengths[i] > max_length:
+                break
+            rows_of[emptiest].append(i)
+            loads[emptiest] += lengths[i]
+        else:
+            return [rows_of[r] for r in sorted(range(count), key=lambda r: -loads[r])]
+    raise ValueError(f"a sample of {max(lengths)} tokens does not fit a row of --max-length {max_length}")
+
+
+def collate_packed(samples, pad_id, max_length, micro_batches):
+    """A rank's share of one step -> its `micro_batches` micro-batches, packed (pack): every
+    micro-batch gets rows of similar length, so every rank runs the model `micro_batches` times
+    whatever the lengths (FSDP). A micro-batch left without a row (only when skipped samples leave
+    fewer samples than micro-batches) runs as collate's one pad token."""
+    samples = [s for s in samples if s is not None]
+    rows = pack([len(s["input_ids"]) for s in samples], max_length, micro_batches)
+    rows = [[samples[i] for i in row] for row in rows]
+    share, extra = divmod(len(rows), micro_batches)
+    bounds = [k * share + min(k, extra) for k in range(micro_batches + 1)]
+    return [collate_rows(rows[a:b], pad_id) if b > a else collate([], pad_id) for a, b in zip(bounds, bounds[1:])]
+
+
+def collate_rows(rows, pad_id):
+    """Rows of samples -> a right-padded batch of the rows, each sample's tokens one after another.
+    position_ids restart at 0 with every sample, and at the padding after a row's last sample (a
+    block of its own): VLM.forward attends within each sample only. A sample's first label is
+    dropped: in a row the token before it is another sample's last (alone, nothing predicts it
+    either). attention_mask marks the real tokens; the per-sample fields (question, images) are in
+    row-major order, the order of the IMAGE_SLOT positions."""
+    ids = [[t for s in row for t in s["input_ids"]] for row in rows]
+    labels = [[t for s in row for t in [IGNORE] + s["labels"][1:]] for row in rows]
+    positions = [[p for s in row for p in range(len(s["input_ids"]))] for row in rows]
+    width = max(len(row) for row in ids)
+    batch = dict(input_ids=pad(ids, pad_id), labels=pad(labels, IGNORE),
+                 attention_mask=pad([[1] * len(row) for row in ids], 0),
+                 position_ids=torch.tensor([row + list(range(width - len(row))) for row in positions]))
+    return dict(batch, **per_sample([s for row in rows for s in row], pad_id))

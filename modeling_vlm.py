@@ -20,9 +20,11 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, GenerationMixin, \
-    PretrainedConfig, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, \
+    GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 try:
     from .compressors import Projector, Resampler, sincos_positions
@@ -91,6 +93,8 @@ class VLM(PreTrainedModel, GenerationMixin):
         if llm is not None:
             self.generation_config = copy.deepcopy(llm.generation_config)
         self.vision.requires_grad_(False)  # frozen in both stages: never trained, never in the optimizer
+        if self.llm.config._attn_implementation == "sdpa":  # the same sdpa; a packed batch one sample at a time
+            self.llm.config._attn_implementation = PER_SAMPLE
         self._pending = None
         self.llm.get_input_embeddings().register_forward_hook(self._insert_visual)
         self.post_init()
@@ -170,19 +174,21 @@ class VLM(PreTrainedModel, GenerationMixin):
             yield ids
 
     def forward(self, input_ids, attention_mask, labels, query_ids, query_mask, has_image,
-                pixel_values=None, features=None):
+                pixel_values=None, features=None, position_ids=None):
         """Training's forward (answers come from generate): -> (sum of token losses, number of label
         tokens). The caller divides, so the loss can be normalised over a whole global batch, however
         it is split.
         Logits only where a label is: in stage 2 at V = 576 about six positions in seven are
-        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM."""
+        visual or prompt tokens, and the head (vocabulary x width) is a third of a 0.5B LLM.
+        position_ids: a packed batch (conversation.collate_rows), rows of samples whose positions
+        restart at 0 with each; attention_mask then only marks its real tokens."""
         # Through the whole LLM, so FSDP gathers its root unit (embeddings, head), which fully_shard
         # leaves gathered until backward (tests/test_label_loss.py checks it on 2 processes): the
         # final hidden states after the last norm, its own head on one position only. The head
         # runs below, on the label positions.
         with self.inputs(input_ids, query_ids, query_mask, has_image, pixel_values, features) as ids:
-            hidden = self.llm(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True,
-                              logits_to_keep=1).hidden_states[-1]
+            hidden = self.llm(input_ids=ids, output_hidden_states=True, logits_to_keep=1,
+                              **attention_inputs(attention_mask, position_ids)).hidden_states[-1]
         targets = labels[:, 1:]
         at_label = targets != IGNORE  # position t predicts label t + 1
         loss = label_loss(self.llm.get_output_embeddings(), hidden[:, :-1][at_label], targets[at_label])
@@ -211,6 +217,48 @@ class VLM(PreTrainedModel, GenerationMixin):
         other_kwargs = settings.update(**generate_kwargs)  # what is not a generation setting (synced_gpus, ...)
         return self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
                                  **other_kwargs)
+
+
+def attention_inputs(attention_mask, position_ids=None):
+    """The LLM's masking inputs for a training forward. Padded: the padding mask. Packed: no mask
+    but position ids that restart with each sample, from which transformers builds a block-diagonal
+    causal mask (masking_utils.find_packed_sequence_indices) that any attention honours; and where
+    each sample starts in the rows laid end to end (cu_seq_lens, FlashAttention's variable-length
+    inputs), with which attend_per_sample and FlashAttention attend within each sample's span
+    instead of computing the whole masked square of a row. transformers builds the mask only when
+    the forward has no cache, and a training forward would make one (the config's use_cache):
+    hence use_cache=False, which changes nothing else."""
+    if position_ids is None:
+        return dict(attention_mask=attention_mask, use_cache=False)
+    starts = (position_ids.flatten() == 0).nonzero().flatten()
+    bounds = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).int()
+    longest = int(bounds.diff().max())
+    return dict(position_ids=position_ids, use_cache=False, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
+                max_length_q=longest, max_length_k=longest)
+
+
+PER_SAMPLE = "sdpa_per_sample"  # the attention implementation VLM gives an sdpa LLM
+
+
+def attend_per_sample(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' sdpa, but a packed batch (cu_seq_lens_q, attention_inputs) attends one sample at
+    a time, over its own span: under the block-diagonal mask sdpa computes each row's whole square
+    and discards the rest (bench_packing.py's packing_mask, docs/benches.md). -> (output (rows,
+    length, heads, head width), None), as sdpa's."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, _, length, _ = query.shape
+    tokens = [t.transpose(1, 2).flatten(0, 1) for t in (query, key, value)]  # (rows x length, heads, width)
+    bounds = cu_seq_lens_q.tolist()
+    spans = [sdpa_attention_forward(module, *(t[a:b].transpose(0, 1)[None] for t in tokens), None, **kwargs)[0][0]
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(spans).unflatten(0, (rows, length)), None
+
+
+# Registered wherever this file is imported, in a saved model folder too; the name is not saved (a
+# loaded model gets sdpa back and VLM.__init__ makes it this again)
+AttentionInterface.register(PER_SAMPLE, attend_per_sample)
+AttentionMaskInterface.register(PER_SAMPLE, sdpa_mask)  # padded batches: sdpa's own masks
 
 
 LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by label_loss: 128 MiB in fp32, whatever the vocabulary

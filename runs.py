@@ -43,11 +43,12 @@ def lock_directory(directory):
 # ---------------------------------------------------------------- training runs (01, 02)
 
 # What a resume may change: how the run is carried out, not what it computes (the loss does
-# not depend on how a global batch is split; docs/training.md). --skip-bad-samples only lets a run
-# go on past a record it would stop at; the records a run takes are checked apart (data_change).
+# not depend on how a global batch is split or packed; docs/training.md). --skip-bad-samples only
+# lets a run go on past a record it would stop at; the records a run takes are checked apart (data_change).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "output_dir", "num_workers", "save_every", "micro_batch_size",
-                        "grad_checkpointing", "image_folder", "feature_cache", "show_samples", "skip_bad_samples",
-                        "eval_every", "eval_bench", "eval_limit", "eval_data_root", "eval_max_new_tokens"}
+                        "packing", "grad_checkpointing", "image_folder", "feature_cache", "show_samples",
+                        "skip_bad_samples", "eval_every", "eval_bench", "eval_limit", "eval_data_root",
+                        "eval_max_new_tokens"}
 
 
 def run_settings(args, world):

@@ -71,6 +71,8 @@ def parse_args(stage):
     p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
+    p.add_argument("--packing", action="store_true", help="pack each device's samples of a step into rows of up to "
+                   "--max-length tokens, each sample attending to itself alone: little padding (docs/training.md)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = never)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -130,6 +132,11 @@ def check_values(p, args):
         p.error("--resume continues the run in --output-dir, --overwrite deletes it: give one")
     if bool(args.eval_every) != bool(args.eval_bench):
         p.error("--eval-every N and --eval-bench NAMES go together")
+    if args.packing and args.loss_norm == "llava":
+        p.error("--loss-norm llava averages the mean loss of each micro-batch, and --packing changes which samples "
+                "share a micro-batch: use --loss-norm tokens with --packing")
+    if args.packing and args.group_by_length:
+        p.error("--group-by-length and --packing both choose which samples share a micro-batch: give one")
 
 
 def check_output_dir(p, args):
@@ -224,6 +231,21 @@ def micro_batches(batches, rank, world, micro, lengths=None):
         share = batch[rank::world]
         out += [share[i:i + micro] for i in range(0, len(share), micro)]
     return out
+
+
+def step_loader(dataset, batches, rank, world, args, accumulation, pad_id, lengths=None):
+    """-> an iterator over steps, each this rank's `accumulation` micro-batches.
+    --packing: the rank's whole share of a step is loaded at once and packed into rows across its
+    micro-batches (conversation.collate_packed), the same samples as unpacked."""
+    def loader(sampler, collate):
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                                collate_fn=collate))
+    if args.packing:
+        return loader([batch[rank::world] for batch in batches],
+                      lambda s: conversation.collate_packed(s, pad_id, args.max_length, accumulation))
+    micro = loader(micro_batches(batches, rank, world, args.micro_batch_size, lengths),
+                   lambda s: conversation.collate(s, pad_id))
+    return zip(*[micro] * accumulation)  # the micro-batches, `accumulation` at a time
 
 
 def approximate_length(record, visual_tokens):
@@ -525,10 +547,7 @@ def main(stage):
             kept = [line for line in open(log_path) if line.endswith("\n") and json.loads(line)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=micro_batches(batches[start:], rank, world, args.micro_batch_size, lengths),
-        num_workers=args.num_workers, collate_fn=lambda s: conversation.collate(s, tokenizer.pad_token_id))
-    micro_iter = iter(loader)
+    steps = step_loader(dataset, batches[start:], rank, world, args, accumulation, tokenizer.pad_token_id, lengths)
     peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
         if device.type == "cuda" else None
 
@@ -538,7 +557,7 @@ def main(stage):
     for step in bar:
         t0 = time.time()
         try:
-            micro = [next(micro_iter) for _ in range(accumulation)]
+            micro = next(steps)
         except llava_data.BadSample as e:  # from a worker: keep its message, not its traceback
             raise SystemExit(f"error: {str(e).strip().splitlines()[-1]} (or pass --skip-bad-samples)") from None
         # Loss = sum of token losses / label tokens in the WHOLE global batch (all micro-batches,
@@ -564,7 +583,7 @@ def main(stage):
             (loss * scale).backward()
             loss_sum += loss.item() * scale / world
             tokens += batch["attention_mask"].sum().item()
-            samples += len(batch["input_ids"])
+            samples += len(batch["has_image"])  # a packed row holds several
         if world > 1:  # the projector is replicated, not sharded: average its gradients by hand
             for p in projector_params:
                 if p.grad is None:

@@ -14,11 +14,14 @@ Synthetic samples, shaped like LLaVA's data rendered with Qwen's chat template: 
 28-token prompt around the image and a 16-token caption (BLIP captions are about a dozen
 words); stage 2 112 prompt tokens and 112 answer tokens, so at V = 576 one position in seven
 carries a label. The second sample of a micro-batch is 3/4 as long: padding, as in training.
+--packing compares instead, in stage 2, the labels-only step on the micro-batch padded (train.py's
+default) and packed (--packing: rows of up to 2048 tokens, each sample attending to itself alone).
 Peak memory: on CUDA torch's peak allocation, on CPU the process's peak resident set (Linux
 VmHWM, reset before each step), both including the weights; step_mem_gb is the part above
 what was resident when the step began (it grows with the micro-batch, the weights do not).
 
     python bench/bench_train_step.py --out out/bench_train_step.json
+    python bench/bench_train_step.py --packing --micro-batch 4 --out out/bench_train_step_packing.json
 """
 import contextlib
 import ctypes
@@ -26,17 +29,19 @@ import time
 
 import torch
 
-from common import (CLIP_L_336, QWEN1_5_0_5B, common_args, machine, print_table, real_shape_models, setup,
+from common import (CLIP_L_336, QWEN1_5_0_5B, clock, common_args, machine, print_table, real_shape_models, setup,
                     swap_projector, sync, timing_rounds, write_json)
 
 import constants  # noqa: E402  (common put the repository on the path)
 import conversation  # noqa: E402
+import modeling_vlm  # noqa: E402
 import train  # noqa: E402
 import vlm  # noqa: E402
 
 # (stage, V): text tokens before the image, after it (question, template), answer tokens (labels)
 SAMPLES = {1: (14, 14, 16), 2: (14, 98, 112)}
 SETTINGS = ((1, 4), (2, 4), (2, 576))
+PACKING_SETTINGS, PACKED_ROW = ((2, 4), (2, 576)), 2048  # rows of train.py's default --max-length
 
 
 def all_positions_loss(model, batch):
@@ -44,7 +49,8 @@ def all_positions_loss(model, batch):
     position, then the loss where labels are. -> (sum of token losses, number of label tokens)."""
     with model.inputs(batch["input_ids"], batch["query_ids"], batch["query_mask"], batch["has_image"],
                       batch.get("pixel_values"), batch.get("features")) as ids:
-        logits = model.llm(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        masking = modeling_vlm.attention_inputs(batch["attention_mask"], batch.get("position_ids"))
+        logits = model.llm(input_ids=ids, **masking).logits
     targets = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                              ignore_index=constants.IGNORE, reduction="sum")
@@ -52,7 +58,12 @@ def all_positions_loss(model, batch):
 
 
 def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
-    """A right-padded micro-batch (conversation.collate) of random ids in the layout of SAMPLES."""
+    """A right-padded micro-batch (conversation.collate) of synthetic_samples."""
+    return conversation.collate(synthetic_samples(stage, tokens, micro_batch, image_size, vocab, seed), pad_id=0)
+
+
+def synthetic_samples(stage, tokens, micro_batch, image_size, vocab, seed=0):
+    """Samples (conversation.tokenize's, with pixels) of random ids in the layout of SAMPLES."""
     generator = torch.Generator().manual_seed(seed)
     before, after, answer = SAMPLES[stage]
     samples = []
@@ -65,7 +76,7 @@ def synthetic_batch(stage, tokens, micro_batch, image_size, vocab, seed=0):
         samples.append(dict(input_ids=ids, labels=[constants.IGNORE] * prompt + ids[prompt:],
                             query_ids=text[counts[0]:prompt - tokens],  # the text after the image
                             pixel_values=torch.randn(3, image_size, image_size, generator=generator)))
-    return conversation.collate(samples, pad_id=0)
+    return samples
 
 
 def memory_gb(device):
@@ -107,30 +118,38 @@ def step(model, batch, loss_on, device, optimizer=None):
 
 
 def measure(model, stage, tokens, args, rounds):
-    """Both losses on the same micro-batch, round-robin -> two rows."""
+    """The two steps compared on the same micro-batch, round-robin -> two rows: the loss on every
+    position and on the labels only, or (--packing) the labels-only step padded and packed."""
     model.llm.requires_grad_(stage == 2)
     swap_projector(model, "quecc", tokens).train()
-    batch = synthetic_batch(stage, tokens, args.micro_batch, CLIP_L_336["image_size"], QWEN1_5_0_5B["vocab_size"])
-    batch = {k: v.to(args.device) for k, v in batch.items()}
-    seconds, peaks, losses = {"all": [], "labels": []}, {"all": [], "labels": []}, {}
+    samples = synthetic_samples(stage, tokens, args.micro_batch, CLIP_L_336["image_size"], QWEN1_5_0_5B["vocab_size"])
+    padded = conversation.collate(samples, pad_id=0)
+    if args.packing:
+        variants = {"padded": (padded, "labels"), "packed": (conversation.collate_packed(samples, 0, PACKED_ROW, 1)[0], "labels")}
+    else:
+        variants = {"all": (padded, "all"), "labels": (padded, "labels")}
+    variants = {name: ({k: v.to(args.device) for k, v in batch.items()}, loss_on)
+                for name, (batch, loss_on) in variants.items()}
+    seconds, peaks, losses, now = {name: [] for name in variants}, {name: [] for name in variants}, {}, clock(args.device)
     for r in range(rounds + 1):  # round 0 warms up
-        for loss_on in seconds:
-            with peak_memory(args.device, peaks[loss_on]):
+        for name, (batch, loss_on) in variants.items():
+            with peak_memory(args.device, peaks[name]):
                 sync(args.device)
-                start = time.perf_counter()
-                losses[loss_on] = step(model, batch, loss_on, args.device)
+                start = now()
+                losses[name] = step(model, batch, loss_on, args.device)
                 sync(args.device)
             if r:
-                seconds[loss_on].append(time.perf_counter() - start)
-    label_tokens = (batch["labels"][:, 1:] != constants.IGNORE).sum().item()
+                seconds[name].append(now() - start)
+    label_tokens = (padded["labels"][:, 1:] != constants.IGNORE).sum().item()
     rows = []
-    for loss_on in seconds:
-        step_s = sorted(seconds[loss_on])[len(seconds[loss_on]) // 2]  # the upper median: of 2, the slower
+    for name, (batch, loss_on) in variants.items():
+        step_s = sorted(seconds[name])[len(seconds[name]) // 2]  # the upper median: of 2, the slower
         sequence_tokens = batch["attention_mask"].sum().item()
-        peak, above = max(peaks[loss_on][1:])
-        row = dict(stage=stage, tokens=tokens, loss_on=loss_on, step_s=step_s, peak_mem_gb=peak, step_mem_gb=above,
-                   tokens_per_s=sequence_tokens / step_s, micro_batch=args.micro_batch,
-                   sequence_tokens=sequence_tokens, label_tokens=label_tokens, loss=losses[loss_on])
+        peak, above = max(peaks[name][1:])
+        row = dict(stage=stage, tokens=tokens, variant=name, loss_on=loss_on, step_s=step_s, peak_mem_gb=peak,
+                   step_mem_gb=above, tokens_per_s=sequence_tokens / step_s, micro_batch=args.micro_batch,
+                   sequence_tokens=sequence_tokens, padded_tokens=batch["attention_mask"].numel(),
+                   label_tokens=label_tokens, loss=losses[name])
         if args.peak_flops:  # the all-position step's FLOPs for both: the ratio of MFUs is the speed-up
             per_token = train.training_flops_per_token(model.llm, stage == 2, sequence_tokens / args.micro_batch)
             row["mfu"] = per_token * sequence_tokens / step_s / args.peak_flops
@@ -151,15 +170,15 @@ def measure_precision(model, args, rounds):
         model.llm.to(weights).requires_grad_(True)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
         probe = model.llm.model.layers[len(model.llm.model.layers) // 2].mlp.down_proj.weight
-        seconds, peaks = [], []
+        seconds, peaks, now = [], [], clock(args.device)
         for r in range(rounds + 1):  # round 0 warms up and creates the optimizer's states
             before = probe.detach().clone()
             with peak_memory(args.device, peaks):
                 sync(args.device)
-                start = time.perf_counter()
+                start = now()
                 loss = step(model, batch, "labels", args.device, optimizer)
                 sync(args.device)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(now() - start)
         changed = (probe.detach() != before).float().mean().item()
         step_s = sorted(seconds[1:])[len(seconds[1:]) // 2]
         state = {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim()}
@@ -182,7 +201,11 @@ def main():
                    help="samples per step (every other one 3/4 as long: padding from 2 on)")
     p.add_argument("--precision", action="store_true", help="instead: stage 2 with its optimizer step, the "
                    "LLM held in fp32 (train.py) against bf16 (a bf16 checkpoint trained as loaded)")
+    p.add_argument("--packing", action="store_true", help="instead: stage 2, labels only, the micro-batch padded "
+                   "against packed (train.py --packing)")
     args = setup(p)
+    if args.packing and args.micro_batch < 2:
+        p.error("--packing packs the samples of a micro-batch: give --micro-batch 2 or more")
     args.peak_flops = next((v for k, v in train.BF16_PEAK_FLOPS.items() if k in torch.cuda.get_device_name()),
                            None) if args.device.startswith("cuda") else None
     rounds = timing_rounds(args, 10, 2)
@@ -197,25 +220,29 @@ def main():
     if args.precision:
         return write_json(args.out, dict(benchmark="train_step_precision", machine=info, micro_batch=args.micro_batch,
                                          rounds=rounds, rows=measure_precision(model, args, rounds)))
+    settings = PACKING_SETTINGS if args.packing else SETTINGS
     rows = []
-    for stage, tokens in SETTINGS:
+    for stage, tokens in settings:
         start = time.time()
         rows += measure(model, stage, tokens, args, rounds)
         print(f"stage {stage}, V = {tokens}: {time.time() - start:.0f} s")
-    print_table(["stage", "V", "loss on", "tokens", "labels", "step s", "tokens/s", "peak GB", "of it the step", "loss",
-                 *(["MFU"] if args.peak_flops else [])],
-                [[str(r["stage"]), str(r["tokens"]), r["loss_on"], str(r["sequence_tokens"]), str(r["label_tokens"]),
+    print_table(["stage", "V", "step", "tokens", "with padding", "labels", "step s", "tokens/s", "peak GB",
+                 "of it the step", "loss", *(["MFU"] if args.peak_flops else [])],
+                [[str(r["stage"]), str(r["tokens"]), r["variant"], str(r["sequence_tokens"]), str(r["padded_tokens"]),
+                  str(r["label_tokens"]),
                   f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_gb']:.2f}", f"{r['step_mem_gb']:.2f}",
                   f"{r['loss']:.4f}", *([f"{100 * r['mfu']:.1f}%"] if args.peak_flops else [])] for r in rows])
     ratios = []
-    for stage, tokens in SETTINGS:
-        both = {r["loss_on"]: r for r in rows if r["stage"] == stage and r["tokens"] == tokens}
-        ratios.append(dict(stage=stage, tokens=tokens, speedup=both["all"]["step_s"] / both["labels"]["step_s"],
-                           memory=both["labels"]["peak_mem_gb"] / both["all"]["peak_mem_gb"],
-                           step_memory=both["labels"]["step_mem_gb"] / both["all"]["step_mem_gb"]))
-        print(f"stage {stage}, V = {tokens}: labels only is {ratios[-1]['speedup']:.2f}x as fast, "
-              f"{ratios[-1]['memory']:.2f}x the peak memory ({ratios[-1]['step_memory']:.2f}x the step's own)")
-    write_json(args.out, dict(benchmark="train_step", machine=info, micro_batch=args.micro_batch, rounds=rounds,
+    for stage, tokens in settings:
+        before, after = (r for r in rows if r["stage"] == stage and r["tokens"] == tokens)
+        ratios.append(dict(stage=stage, tokens=tokens, speedup=before["step_s"] / after["step_s"],
+                           memory=after["peak_mem_gb"] / before["peak_mem_gb"],
+                           step_memory=after["step_mem_gb"] / before["step_mem_gb"]))
+        print(f"stage {stage}, V = {tokens}: {after['variant']} is {ratios[-1]['speedup']:.2f}x as fast as "
+              f"{before['variant']}, {ratios[-1]['memory']:.2f}x the peak memory ({ratios[-1]['step_memory']:.2f}x "
+              "the step's own)")
+    write_json(args.out, dict(benchmark="train_step_packing" if args.packing else "train_step", machine=info,
+                              micro_batch=args.micro_batch, rounds=rounds,
                               samples={f"stage {s}": dict(zip(("before_image", "after_image", "answer"), SAMPLES[s]))
                                        for s in SAMPLES}, rows=rows, ratios=ratios))
 

@@ -72,6 +72,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def clock(device):
+    """The clock a step is timed with: on a CPU with one thread, the process's CPU time, which is what
+    an idle core's wall time would be (on a shared machine the others' load would enter the wall
+    time, and not evenly: a burst can fall on one of the things compared); otherwise the wall time."""
+    return time.process_time if str(device) == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def time_round_robin(calls, rounds, device, warmup=1):
     """calls: {key: fn}. Each round calls every fn once, in order; -> {key: median ms}."""
     for _ in range(warmup):

@@ -198,7 +198,8 @@ def test_resume_refuses_changed_settings_and_data_and_allows_the_others(toy_data
     shutil.copy(toy_data / "pretrain.json", data)
     resumed = stage1(toy_data, out, "--max-steps", "3", "--resume", "--skip-bad-samples", data=data)
     assert "at step 2" in resumed.stdout and len(open(out / "log.jsonl").readlines()) == 3
-    done = stage1(toy_data, out, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1", data=data)
+    done = stage1(toy_data, out, "--max-steps", "3", "--resume", "--save-every", "2", "--num-workers", "1",
+                  "--packing", data=data)
     assert "finished; nothing to do" in done.stdout
 
 

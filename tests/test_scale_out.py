@@ -33,6 +33,12 @@ def losses(out):
     return [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
 
 
+def tokens_per_sample(out):
+    """Each step's real tokens per sample, as logged (the step's time cancels out)."""
+    log = map(json.loads, open(os.path.join(out, "log.jsonl")))
+    return [entry["tokens_per_s"] / entry["samples_per_s"] for entry in log]
+
+
 @pytest.fixture(scope="module")
 def reference_run(toy_data, llm, tmp_path_factory):
     """One process, micro-batch 4, checkpoints at steps 2 and 4: the run every other layout must
@@ -152,7 +158,7 @@ def test_resume_with_more_processes_than_the_checkpoint_had(toy_data, llm, tmp_p
         assert abs(a - b) <= 1e-4 * abs(b)
 
 
-@pytest.mark.parametrize("saver", [["--lora", "8"], ["--qlora"], ["--optim", "adamw8bit"]])
+@pytest.mark.parametrize("saver", [["--lora", "8"], ["--qlora", "--packing"], ["--optim", "adamw8bit"]])
 def test_single_gpu_savers_train_and_export(toy_data, llm, tmp_path, saver):
     run_script(*finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "8", *saver, "--lr", "3e-3",
                               "--save-every", "3"))
@@ -167,3 +173,52 @@ def test_single_gpu_savers_train_and_export(toy_data, llm, tmp_path, saver):
     model, _, _ = vlm.load_pretrained(tmp_path)  # merged: loads like any other output
     assert not any("lora" in name for name, _ in model.llm.named_parameters())
     assert next(model.llm.parameters()).dtype == torch.bfloat16  # saved in the dtype its checkpoint came in
+
+
+def trained_weights(out, prefix):
+    """{name: tensor} of the part of a stage-2 output's model.safetensors under prefix (llm., projector.)."""
+    from safetensors.torch import load_file
+    return {k.removeprefix(prefix): v for k, v in load_file(out / "model.safetensors").items() if k.startswith(prefix)}
+
+
+def assert_trained_alike(out, reference_run, initial):
+    """The trained weights of two runs: the projector (saved in fp32) to summation order; the LLM, saved
+    in bf16 as its checkpoint came, to one bf16 step (summation order carries a few weights across a
+    rounding boundary) or, near zero, 1% of the lr (1e-3, about what one Adam step moves a weight)."""
+    from safetensors.torch import load_file
+    got, ref = trained_weights(out, "projector."), trained_weights(reference_run, "projector.")
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) <= 1e-4
+    got, ref = trained_weights(out, "llm."), trained_weights(reference_run, "llm.")
+    start = load_file(initial / "model.safetensors")
+    for name in ref:
+        a, b = got[name].float(), ref[name].float()
+        assert ((a - b).abs() <= 2 ** -7 * torch.maximum(a.abs(), b.abs()) + 1e-5).all(), name
+    moved = sum((ref[k] != start[k]).sum().item() for k in ref) / sum(t.numel() for t in ref.values())
+    assert moved > 0.5, moved
+
+
+def test_packing_trains_as_unpacked_and_resumes_in_the_middle_of_its_epoch(toy_data, llm, tmp_path, reference_run):
+    """--packing, one process: each step's 8 samples in 2 rows, one a micro-batch. The losses and the
+    weights of the unpacked run; then, as if killed after its step-4 checkpoint (step 4 of a 20-step
+    epoch), resumed: the same again."""
+    args = finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "4", "--packing", "--save-every", "2")
+    for resume in ([], ["--resume"]):
+        result = run_script(*args, *resume)
+        got = losses(tmp_path)
+        assert len(got) == STEPS
+        for a, b in zip(got, losses(reference_run)):
+            assert abs(a - b) <= 1e-5 * abs(b)
+        assert tokens_per_sample(tmp_path) == pytest.approx(tokens_per_sample(reference_run))  # samples, not rows
+        assert_trained_alike(tmp_path, reference_run, llm)
+        (tmp_path / vlm.CONFIG_FILE).unlink()  # not finished: --resume continues from step-0000004
+    assert "resumed from" in result.stdout and "step-0000004 at step 4" in result.stdout
+
+
+def test_packing_on_two_fsdp_processes_matches_one_unpacked_process(toy_data, llm, tmp_path, reference_run):
+    """Each rank packs its share of a step into its 2 micro-batches, whatever the lengths: both ranks run
+    the model as often (a rank short of one would hang the other in its collectives)."""
+    run_torchrun(["--nproc_per_node", "2", *finetune_args(toy_data, llm, tmp_path, "--micro-batch-size", "2",
+                                                          "--packing")], 300, torchrun_env())
+    for a, b in zip(losses(tmp_path), losses(reference_run)):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert_trained_alike(tmp_path, reference_run, llm)
