@@ -15,6 +15,6 @@ demo: .venv/ready
 	$(PY) -m toy.demo
 
 test: .venv/ready
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests  # a worker per core, at most 4 (tests/conftest.py)
 
 .PHONY: demo test

@@ -8,6 +8,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs the tests in several processes (pytest-xdist)
+    # Two tests may start torchrun at once: each finds a free port (torchrun reads --standalone from here).
+    os.environ.setdefault("PET_STANDALONE", "1")
+    # One thread per worker, and per script it starts: a worker per core, not cores fought over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_script(*args, check=True, timeout=600, env=None, cwd=ROOT):
     """Run a repo script (or module with -m) in a subprocess, as a user would. Scripts are
