@@ -55,8 +55,7 @@ def load_llm(name, dtype=None, quantization_config=None):
     """A hub name, a local directory, or a toy preset -> (llm, tokenizer). dtype None: the dtype
     the checkpoint stores (transformers' "auto"); training asks for fp32 (train.precision)."""
     if toy.is_toy(name):
-        tokenizer = toy.build_tokenizer()
-        llm = toy.build_llm(name, len(tokenizer))
+        llm, tokenizer = toy.load_llm(name)
         if quantization_config is None:
             return llm, tokenizer
         # quantization happens while loading: route the toy through a directory, as a hub model
@@ -74,7 +73,7 @@ def load_llm(name, dtype=None, quantization_config=None):
 def load_vision(name):
     """A hub name, a local directory, or 'toy' -> (CLIP vision model, image processor)."""
     if name == "toy":
-        return toy.build_vision(), toy.build_image_processor()
+        return toy.load_vision()
     return CLIPVisionModel.from_pretrained(name), CLIPImageProcessorPil.from_pretrained(name)
 
 

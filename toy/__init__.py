@@ -1,12 +1,16 @@
-"""The built-in toy world: tiny random-init models and a local tokenizer, nothing downloaded.
+"""The built-in toy world: tiny models and a local tokenizer, nothing downloaded.
 
-`--llm toy` (or toy-xs/-s/-m/-l) is a Qwen2-architecture LLM, `--vision toy` a
-CLIP vision tower with the real 24x24 patch grid (96 px images, 4 px patches),
-so every real token count works. Weights come from a fixed seed, so stage 2
-rebuilds exactly the LLM that stage 1 saw. The vocabulary of the synthetic
-dataset (toy/make_data.py) lives here because the tokenizer is
-trained on it.
+`--llm toy-xxs` ... `toy-l` (`toy` is toy-s) is a Qwen2-architecture LLM pretrained on the toy
+world's language (toy/pretrain.py), `--vision toy` a CLIP vision tower with the real 24x24 patch
+grid (96 px images, 4 px patches, so every real token count works), pretrained on the toy images.
+The checkpoints of toy-xxs, toy-xs, toy-s and the tower ship in toy/pretrained/; toy-m and toy-l
+are pretrained on first use (the demo does it) into cache/pretrained/. The vocabulary of the
+world (toy/make_data.py) lives here because the tokenizer is trained on it.
 """
+import hashlib
+import json
+import os
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel,
@@ -14,9 +18,11 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionMod
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "cross"]
-POSITIONS = ["top left", "top right", "bottom left", "bottom right"]  # the cells of a 2x2 grid, row by row
-NUMBERS = ["zero", "one", "two", "three", "four"]
+# the cells of a 3x3 grid, row by row
+POSITIONS = ["top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
+NUMBERS = ["zero", "one", "two", "three", "four", "five"]
 WORDS = ["cat", "dog", "sun", "box", "car", "map", "pen", "cup", "hat", "key", "bus", "egg"]
+RELATIONS = ["left of", "right of", "above", "below"]
 
 # Qwen's ChatML template, without Qwen's default system prompt.
 CHATML_TEMPLATE = (
@@ -25,21 +31,32 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-# (hidden, layers, heads, kv heads, mlp): 0.04M, 0.28M, 1.05M and 8.0M parameters (vocabulary 512).
+# (hidden, layers, heads, kv heads, mlp): 0.014M, 0.043M, 0.28M, 1.05M and 8.0M parameters (vocabulary 512)
 LLM_SIZES = {
+    "toy-xxs": (16, 2, 2, 1, 32),
     "toy-xs": (32, 2, 4, 2, 64),
     "toy-s": (64, 4, 4, 2, 256),
     "toy-m": (128, 4, 4, 2, 512),
     "toy-l": (256, 8, 8, 4, 1024),
 }
 LLM_SIZES["toy"] = LLM_SIZES["toy-s"]
+PRETRAINED_LLMS = ("toy-xxs", "toy-xs", "toy-s", "toy-m", "toy-l")
+VISION = "vision"  # the tower's folder beside the LLMs'
 
 VISION_IMAGE_SIZE, VISION_PATCH = 96, 4  # 96 / 4 = 24 patches a side, as CLIP-L/336
 SEED = 1234
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(HERE, "pretrained")  # in git: what the default grid uses
+CACHED = os.path.join(os.path.dirname(HERE), "cache", "pretrained")  # made on first use, out of git
+SETTINGS_FILE = "pretrain_settings.json"
 
 
 def is_toy(name):
     return name in LLM_SIZES
+
+
+def canonical(name):
+    return "toy-s" if name == "toy" else name
 
 
 def _tokenizer_corpus():
@@ -48,13 +65,14 @@ def _tokenizer_corpus():
         "Is there a shape in the image? Answer the question using a single word or phrase.",
         "Answer with the option's letter from the given choices directly. yes no A B C D",
         "What colour is the shape? What colour are the shapes? What shape is the object?",
-        "What shape are the objects? Where is the shape?",
-        "There is a picture of some shapes with the word 0 1 2 3 4 5 6 7 8 9 and and.",
+        "What shape is the red object? How many shapes are not red? Are there more circles than squares?",
+        "What colour is the shape left of the circle? What shape is above the square? right of below",
+        "There is a picture of some shapes with the word 0 1 2 3 4 5 6 7 8 9 and and in the at the.",
     ]
     words = COLOURS + SHAPES + POSITIONS + NUMBERS + WORDS + ["yes", "no"]
     # each word alone too: an answer starts its turn without a leading space, and should be one
     # token, as common words are in a real LLM's vocabulary (not spelled out letter by letter)
-    return sentences + [" ".join(words)] * 4 + words * 4 + [w + "s" for w in SHAPES]
+    return sentences + [" ".join(words)] * 4 + words * 4 + [w + ("es" if w.endswith("s") else "s") for w in SHAPES]
 
 
 def build_tokenizer():
@@ -70,15 +88,22 @@ def build_tokenizer():
                                    pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
 
 
+def tokenizer_hash():
+    """The tokenizer's vocabulary and merges: a pretrained toy LLM reads token ids, so a changed
+    tokenizer makes its checkpoint stale."""
+    return hashlib.sha1(build_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
 def build_llm(name, vocab_size):
+    """A random-init toy LLM (the starting point of pretraining; tests and benches use it as is)."""
     hidden, layers, heads, kv_heads, mlp = LLM_SIZES[name]
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads,
                          intermediate_size=mlp, max_position_embeddings=4096,
                          tie_word_embeddings=True, eos_token_id=2, pad_token_id=0,
                          # weights ~ 1/sqrt(width), not the 0.02 tuned for 768+ wide models: at
-                         # width 32-256, 0.02 starts attention so flat that a toy LLM needs thousands
-                         # of steps to learn to read the visual tokens (measured in docs/toy_world.md)
+                         # width 16-256, 0.02 starts attention so flat that a toy LLM needs thousands
+                         # of steps to learn to read the visual tokens (docs/toy_world.md)
                          initializer_range=hidden ** -0.5)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
@@ -91,6 +116,7 @@ def vision_config():
 
 
 def build_vision():
+    """A random-init toy vision tower (the starting point of its pretraining)."""
     with torch.random.fork_rng():
         torch.manual_seed(SEED + 1)
         return CLIPVisionModel(vision_config())
@@ -101,12 +127,48 @@ def build_image_processor():
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def save_toy_models(directory, llm="toy"):
-    """Write a toy LLM+tokenizer to DIR/llm and a toy vision tower to DIR/vision, exactly
-    as a hub checkpoint is laid out, so tests exercise the `--llm DIR` loading path."""
+def pretrained_dir(name):
+    """The folder holding a pretrained toy model (an LLM preset or VISION) made with today's
+    settings (toy/pretrain.py), shipped or cached; None if there is none."""
+    from toy import pretrain  # its settings name the world's generator, which imports this module
+    wanted = pretrain.settings(canonical(name))
+    for root in (SHIPPED, CACHED):
+        path = os.path.join(root, canonical(name))
+        settings = os.path.join(path, SETTINGS_FILE)
+        if os.path.exists(settings) and json.load(open(settings)) == wanted:
+            return path
+    return None
+
+
+def _pretrained(name):
+    path = pretrained_dir(name)
+    if path is None:
+        raise SystemExit(f"error: the toy model {name} has no pretrained checkpoint made with today's settings in "
+                         f"{SHIPPED} or {CACHED}; make it with: python -m toy.pretrain --models {canonical(name)}")
+    return path
+
+
+def load_llm(name):
+    """A pretrained toy preset (PRETRAINED_LLMS), or a random-init one for other presets (benches)."""
     tokenizer = build_tokenizer()
-    build_llm(llm, len(tokenizer)).save_pretrained(f"{directory}/llm")
+    if canonical(name) not in PRETRAINED_LLMS:
+        return build_llm(name, len(tokenizer)), tokenizer
+    return Qwen2ForCausalLM.from_pretrained(_pretrained(name), dtype=torch.float32), tokenizer
+
+
+def load_vision():
+    return CLIPVisionModel.from_pretrained(_pretrained(VISION), dtype=torch.float32), build_image_processor()
+
+
+def save_toy_models(directory, llm="toy", pretrained=False):
+    """Write a toy LLM+tokenizer to DIR/llm and a toy vision tower to DIR/vision, exactly as a hub
+    checkpoint is laid out, so tests exercise the `--llm DIR` loading path. Random-init unless
+    pretrained."""
+    tokenizer = build_tokenizer()
+    llm_model = load_llm(llm)[0] if pretrained else build_llm(llm, len(tokenizer))
+    vision = load_vision()[0] if pretrained else build_vision()
+    llm_model.save_pretrained(f"{directory}/llm")
     tokenizer.save_pretrained(f"{directory}/llm")
-    build_vision().save_pretrained(f"{directory}/vision")
+    vision.save_pretrained(f"{directory}/vision")
     build_image_processor().save_pretrained(f"{directory}/vision")
     return f"{directory}/llm", f"{directory}/vision"

@@ -1,12 +1,15 @@
 """The paper in a box: the toy-world scaling study on a CPU, nothing downloaded.
 
-    python -m toy.demo                 # the default grid: 2 LLM sizes x V in 1, 16, 64, 2 seeds, then the fit
-    python -m toy.demo --full          # 4 sizes x V in 1, 4, 16, 36, 64, 144, 576, 3 seeds
+    python -m toy.demo                 # the default grid: 3 LLM sizes x V in 1, 4, 16, 64, 2 seeds, then the fit
+    python -m toy.demo --full          # 5 sizes x V in 1, 4, 16, 36, 64, 144, 576, 3 seeds
     python -m toy.demo --sizes toy-s --tokens 4          # one model
     python -m toy.demo --compressors quecc,tokenpacker,pool,pixelshuffle,resampler   # the grid for each
     python -m toy.demo --print-real    # the launch lines of the paper's real grid
 
-For every compressor, (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2
+The toy LLMs and the vision tower are pretrained (toy/pretrain.py: shipped in toy/pretrained/, a
+--full size made once on first use into cache/pretrained/). Each LLM's text ceiling, its accuracy on
+the held-out reasoning questions with the scene in words, goes beside the grid. Then for every
+compressor, (LLM size, V) and training seed: stage 1 (01_pretrain_projector.py), stage 2
 (02_finetune.py, scoring reasoning questions as it trains), evaluation on the held-out reasoning and
 OCR questions (03_evaluate.py); then the
 law fitted per compressor and split (04_fit_scaling.py) on the cell means, its bootstrap redrawing
@@ -17,7 +20,7 @@ is skipped when its output exists, so a killed demo picks up where it stopped (a
 the script it is running too). The frozen vision tower's features are computed once per image
 (--feature-cache) and reused by every run, epoch and evaluation.
 
-Outputs in --out: scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
+Outputs in --out: text_ceiling.json, scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
 fit_COMPRESSOR_reasoning.json and fit_COMPRESSOR_ocr.json with the plots in fit_COMPRESSOR_reasoning/
 and fit_COMPRESSOR_ocr/, summary.md (with learning_curves.png and, with several compressors,
 accuracy_vs_tokens.png beside it),
@@ -26,6 +29,7 @@ demo.log (every script's output), and data/, cache/, runs/.
 """
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -43,15 +47,14 @@ import compressors
 import runs
 import toy
 import vlm
+from toy import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 SPLITS = {"reasoning": "toy_reasoning", "ocr": "toy_ocr"}
-# Two seeds of 6 cells, 12 runs (docs/toy_world.md has the time). toy-s, not the 30x smaller toy-xs: toy-xs
-# learns a question type in one seed and not in another, so its cells moved up to 9.5 points across four
-# seeds, more than the ordering the summary reads; toy-s and toy-m read the image in every seed. V up to 64,
-# not 144: both score alike from V = 16 on, and 144 took the demo to 19 of its 20 minutes (docs/toy_noise.md).
-DEFAULT_GRID = ("toy-s,toy-m", "1,16,64")
-FULL_GRID = ("toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
+# Two seeds of 12 cells, 24 runs: 20x in LLM size (the shipped pretrained sizes) and 64x in V, what fits
+# 20 minutes on 2 cores (docs/toy_world.md has the time).
+DEFAULT_GRID = ("toy-xxs,toy-xs,toy-s", "1,4,16,64")
+FULL_GRID = ("toy-xxs,toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes and stage-2 learning rate of the toy runs (the rate up to width 128, see stage2_lr).
 # (Batches of 4 at 1e-3 learn more per sample, but 800 such steps took 22.5 min for less.)
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 1.5e-3
@@ -139,7 +142,7 @@ def parse_args():
 # the refusal names them.
 RUN_SETTINGS = ("vision", "stage1_steps", "stage2_steps", "num_train", "num_eval", "seeds")
 CODE_SETTINGS = {"stage1_batch": "stage-1 batch size", "stage2_batch": "stage-2 batch size",
-                 "stage2_lr": "stage-2 learning rates"}
+                 "stage2_lr": "stage-2 learning rates", "pretrained": "pretrained toy models"}
 
 
 def stage2_lr(size):
@@ -155,7 +158,8 @@ def check_settings(out, args):
     path = os.path.join(out, "settings.json")
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
     settings.update(stage1_batch=STAGE1_BATCH, stage2_batch=STAGE2_BATCH,
-                    stage2_lr={size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)})
+                    stage2_lr={size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)},
+                    pretrained={name: fingerprint(pretrain.settings(name)) for name in (*toy.PRETRAINED_LLMS, toy.VISION)})
     if os.path.exists(path):
         saved = json.load(open(path))
         if "compressor" in saved:  # one compressor per --out, its runs named without it
@@ -167,6 +171,34 @@ def check_settings(out, args):
             sys.exit(f"error: {out} holds runs made with {', '.join(changed)}; use another --out, or delete it")
     with open(path, "w") as f:
         json.dump(settings, f, indent=2)
+
+
+def fingerprint(settings):
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrain_missing(log, args):
+    """Pretrain, once, the toy models of the grid that neither ship nor are cached (--full's sizes)."""
+    wanted = [toy.canonical(size) for size in args.sizes] + [toy.VISION] * (args.vision == "toy")
+    missing = [name for name in dict.fromkeys(wanted) if toy.pretrained_dir(name) is None]
+    if missing:
+        print(f"pretraining {', '.join(missing)} once, into {toy.CACHED} (toy/pretrain.py)")
+        run(log, "-m", "toy.pretrain", "--models", ",".join(missing), "--root", toy.CACHED)
+
+
+def text_ceilings(out, data, sizes):
+    """{size: its text ceiling}: each pretrained LLM on the held-out reasoning questions, the scene in
+    words where the VLM sees the image (make_data's scenes.jsonl); kept in text_ceiling.json."""
+    path = os.path.join(out, "text_ceiling.json")
+    ceilings = json.load(open(path)) if os.path.exists(path) else {}
+    rows = [json.loads(line) for line in open(os.path.join(data, "eval", SPLITS["reasoning"], "scenes.jsonl"))]
+    for size in sizes:
+        if size not in ceilings:
+            llm, tokenizer = toy.load_llm(size)
+            ceilings[size] = pretrain.text_ceiling(llm, tokenizer, rows)
+    with open(path, "w") as f:
+        json.dump(ceilings, f, indent=2)
+    return {size: ceilings[size] for size in sizes}
 
 
 class StepFailed(Exception):
@@ -276,7 +308,7 @@ def read_run(out, compressor, size, tokens, seed):
     rows = []
     for result in map(json.loads, open(os.path.join(evaluation, "results.jsonl"))):
         metrics = json.load(open(os.path.join(evaluation, result["benchmark"], "metrics.json")))
-        rows.append(dict(run=f"{compressor}-{size}-v{tokens}", compressor=compressor, seed=seed,
+        rows.append(dict(run=f"{compressor}-{size}-v{tokens}", compressor=compressor, size=size, seed=seed,
                          params_b=result["params_b"], tokens=tokens,
                          benchmark=result["benchmark"],
                          score=result["normalized"], per_category=metrics.get("per_category", {}),
@@ -410,10 +442,29 @@ def learning_curves(out, grid, baselines):
     return lines + [""]
 
 
-def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=()):
-    """summary.md: the accuracy table, the fits per compressor, when each question type was learned
-    (curves: learning_curves' lines) and what they say about the paper's findings. skipped:
-    {compressor: the V of the grid it cannot make}."""
+def ceiling_section(rows, ceilings, categories):
+    """Each LLM's text ceiling (text_ceilings) beside its best VLM cell, both over every question type."""
+    lines = ["## Text ceiling: each LLM with the scene in words", "",
+             "The pretrained LLM alone on the same held-out reasoning questions, the image's place taken by the "
+             "scene's caption: how much each size reasons when nothing is lost in the image. Beside it the best "
+             "cell of that LLM (the mean over the seeds), over every question type as the ceiling is.", "",
+             "| LLM | ceiling | " + " | ".join(categories) + " | best VLM cell |", "|---|---|" + "---|" * len(categories) + "---|"]
+    for size, ceiling in ceilings.items():
+        cells = defaultdict(list)
+        for r in rows:
+            if r["size"] == size and r["benchmark"] == SPLITS["reasoning"]:
+                cells[r["run"]].append(r["score_all_types"])
+        best = max(cells, key=lambda cell: mean(cells[cell]), default=None)
+        lines.append(f"| {size} | {ceiling['accuracy']:.1f} | " +
+                     " | ".join(f"{ceiling['per_category'].get(c, float('nan')):.1f}" for c in categories) +
+                     (f" | {100 * mean(cells[best]):.1f} ({best}) |" if best else " | |"))
+    return lines + [""]
+
+
+def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=(), ceilings=None):
+    """summary.md: the accuracy table, the text ceilings, the fits per compressor, when each question
+    type was learned (curves: learning_curves' lines) and what they say about the paper's findings.
+    skipped: {compressor: the V of the grid it cannot make}; ceilings: text_ceilings' {size: ceiling}."""
     pct = (lambda x: f"{100 * x:.1f}")
     categories = sorted(baselines["reasoning"])
     seeds = sorted({r["seed"] for r in rows})
@@ -455,6 +506,8 @@ def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, cur
     best = {c: max(max(values) for values in per_type[c].values()) for c in categories}
     lines += ["", "Best run per question type, as a multiple of the majority-answer baseline: " +
               ", ".join(f"{c} {best[c] / (100 * baselines['reasoning'][c]):.1f}x" for c in categories) + ".", ""]
+    if ceilings:
+        lines += ceiling_section(rows, ceilings, categories)
     if several:
         plot_accuracy(out, rows, args)
         lines += ["![mean accuracy against V, per compressor and LLM size](accuracy_vs_tokens.png)", ""]
@@ -659,6 +712,8 @@ def main():
         run(log, "-m", "toy.make_data", "--out", data, "--num-train", str(args.num_train),
             "--num-eval", str(args.num_eval), "--questions-per-image", "6")
     bar.update()
+    pretrain_missing(log, args)
+    ceilings = text_ceilings(out, data, args.sizes) if all(toy.is_toy(size) for size in args.sizes) else {}
     # the first stage 1 runs alone: it fills the feature cache the other runs then share
     train_and_evaluate(args, *grid[0], out, bar, stage1_only=True)
     # the largest models first, so the last to finish are short
@@ -684,7 +739,8 @@ def main():
     timings["total"] = round(seconds, 1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
-    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, learning_curves(out, grid, baselines))
+    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, learning_curves(out, grid, baselines),
+                  ceilings)
     print(open(os.path.join(out, "summary.md")).read())
     print(f"outputs in {out}")
 

@@ -1,13 +1,17 @@
-"""Generate the toy world: one to three copies of a coloured shape on a 2x2 grid, some images with a word.
+"""Generate the toy world: two to five coloured shapes on a 3x3 grid, some images with a word.
 
+Each scene holds several different objects, so a question needs part of the picture and which
+colour goes with which shape and where (binding): counting by attribute, comparing counts,
+spatial relations, existence, negation and their combinations (docs/toy_world.md).
 Writes, deterministically from --seed, in LLaVA's formats:
   OUT/images/*.png
-  OUT/scenes.json          every image's objects (colour, shape, cell) and word: the ground truth,
-                           for checks and diagnostics
+  OUT/scenes.json          every image's objects (colour, shape, cell) and word: the ground truth
   OUT/pretrain.json        stage 1: image + caption (the human turn asks for a description)
   OUT/finetune.json        stage 2: multi-turn questions and answers, plus text-only samples
-  OUT/eval/toy_reasoning/questions.jsonl  held-out images: colour, shape, count, position, existence
+  OUT/eval/toy_reasoning/questions.jsonl  held-out images: one question of each reasoning type
   OUT/eval/toy_ocr/questions.jsonl        held-out images: "what word is written?"
+  OUT/eval/toy_reasoning/scenes.jsonl     the same questions with the scene in words (`scene`),
+                                          what the text ceiling (toy/pretrain.py) answers
 The eval folders follow 03_evaluate.py's --data-root layout (BENCH/questions.jsonl, BENCH/images/)
 and its question format (question_id, image, question, answers, category = question type).
 
@@ -15,28 +19,28 @@ and its question format (question_id, image, question, answers, category = quest
 """
 import argparse
 import json
-import math
 import os
 import random
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from toy import COLOURS, NUMBERS, POSITIONS, SHAPES, VISION_IMAGE_SIZE, WORDS
+from toy import COLOURS, NUMBERS, POSITIONS, RELATIONS, SHAPES, VISION_IMAGE_SIZE, WORDS
 
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
        "yellow": (230, 210, 30), "purple": (140, 50, 170), "orange": (240, 130, 20)}
 SIZE = VISION_IMAGE_SIZE
-SIDE = 2  # cells per side: a cell is 12x12 patches, so V = 4, 16 and 144 give each cell whole tokens
+SIDE = 3  # cells per side: a cell is 8x8 patches
 CELL = SIZE // SIDE
-SHORT = "\nAnswer the question using a single word or phrase."
+SHORT = "\nAnswer the question using a single word or phrase."  # 03_evaluate.py's instruction for toy questions
 DESCRIBE = ["Describe the image briefly.", "What is in this picture?", "Give a short caption.",
             "Summarise the image."]
+REASONING = ["lookup", "count", "compare", "relation", "exists", "negation", "combination"]
 
 
 def draw_shape(draw, shape, colour, cell):
     row, col = divmod(cell, SIDE)
-    x0, y0, r = col * CELL + 3, row * CELL + 3, CELL - 6  # an object fills its cell: more patches show its shape
+    x0, y0, r = col * CELL + 4, row * CELL + 4, CELL - 8
     box, fill = (x0, y0, x0 + r, y0 + r), RGB[colour]
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -50,19 +54,17 @@ def draw_shape(draw, shape, colour, cell):
         draw.rectangle((x0, y0 + w, x0 + r, y0 + 2 * w), fill=fill)
 
 
-def make_scene(rng, with_word, kind=None):
-    """-> dict(objects=[(colour, shape, cell)], word=(text, cell) or None): one to three copies of
-    one coloured shape in distinct cells. One kind of object per image keeps every question a
-    read of the whole picture: which colour goes with which shape among several different objects
-    (binding) is more than a toy LLM trained from scratch learns in a CPU budget (docs/toy_world.md)."""
-    count = rng.randint(1, 3)
-    colour, shape = kind or (rng.choice(COLOURS), rng.choice(SHAPES))
+def make_scene(rng, with_word):
+    """-> dict(objects=[(colour, shape, cell)] in cell order, word=(text, cell) or None): two to
+    five objects, each of a random colour and shape, in distinct cells."""
+    count = rng.randint(2, 5)
     cells = rng.sample(range(SIDE * SIDE), count + with_word)
+    objects = sorted((rng.choice(COLOURS), rng.choice(SHAPES), cell) for cell in cells[:count])
     word = (rng.choice(WORDS), cells[-1]) if with_word else None
-    return dict(objects=[(colour, shape, cell) for cell in cells[:count]], word=word)
+    return dict(objects=sorted(objects, key=lambda o: o[2]), word=word)
 
 
-def render(scene, path):
+def render(scene):
     image = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))
     draw = ImageDraw.Draw(image)
     for colour, shape, cell in scene["objects"]:
@@ -70,31 +72,73 @@ def render(scene, path):
     if scene["word"]:
         text, cell = scene["word"]
         row, col = divmod(cell, SIDE)
-        draw.text((col * CELL + 10, row * CELL + 16), text, fill=(0, 0, 0), font_size=14)
-    image.save(path)
+        draw.text((col * CELL + 4, row * CELL + 9), text, fill=(0, 0, 0), font_size=12)
+    return image
 
 
 def caption(scene):
-    parts = [f"a {c} {s} at the {POSITIONS[cell]}" for c, s, cell in scene["objects"]]
+    """The scene in words: what stage 1 learns to say from the image, and what the text ceiling
+    and the LLMs' pretraining read in its place."""
+    parts = [f"{'an' if c == 'orange' else 'a'} {c} {s} at the {POSITIONS[cell]}" for c, s, cell in scene["objects"]]
     if scene["word"]:
         parts.append(f'the word "{scene["word"][0]}" at the {POSITIONS[scene["word"][1]]}')
     return ", ".join(parts) + "."
 
 
+def plural(shape):
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def related(a, b, relation):
+    """Is the object in cell a `relation` (left of, right of, above, below) the one in cell b?"""
+    (ra, ca), (rb, cb) = divmod(a, SIDE), divmod(b, SIDE)
+    return {"left of": ra == rb and ca < cb, "right of": ra == rb and ca > cb,
+            "above": ca == cb and ra < rb, "below": ca == cb and ra > rb}[relation]
+
+
 def questions(rng, scene):
-    """One question of each type this scene can answer: -> [(type, question, answer)]. Position is
-    asked only of a single object, the one case with a one-phrase answer."""
-    colour, shape, cell = scene["objects"][0]
-    count = len(scene["objects"])
-    absent = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)])
-    asked = rng.choice([(colour, shape), absent])
-    one = count == 1
-    out = [("colour", f"What colour {'is the shape' if one else 'are the shapes'}?", colour),
-           ("shape", f"What shape {'is the object' if one else 'are the objects'}?", shape),
-           ("count", "How many shapes are there?", NUMBERS[count]),
-           ("exists", f"Is there a {asked[0]} {asked[1]}?", "yes" if asked == (colour, shape) else "no")]
-    if one:
-        out.append(("position", "Where is the shape?", POSITIONS[cell]))
+    """One question of each type this scene can answer: -> [(type, question, answer)]. A type whose
+    question would be ambiguous here (no unique object to ask about) is left out."""
+    objects = scene["objects"]
+    colours, shapes = [o[0] for o in objects], [o[1] for o in objects]
+    out = []
+    unique_shapes = [s for s in SHAPES if shapes.count(s) == 1]
+    unique_colours = [c for c in COLOURS if colours.count(c) == 1]
+    if unique_shapes and (not unique_colours or rng.random() < 0.5):
+        shape = rng.choice(unique_shapes)
+        out.append(("lookup", f"What colour is the {shape}?", colours[shapes.index(shape)]))
+    elif unique_colours:
+        colour = rng.choice(unique_colours)
+        out.append(("lookup", f"What shape is the {colour} object?", shapes[colours.index(colour)]))
+    # counted: mostly something in the scene, so that "zero" is not the usual answer
+    if rng.random() < 0.5:
+        shape = rng.choice(shapes if rng.random() < 0.75 else SHAPES)
+        out.append(("count", f"How many {plural(shape)} are there?", NUMBERS[shapes.count(shape)]))
+    else:
+        colour = rng.choice(colours if rng.random() < 0.75 else COLOURS)
+        out.append(("count", f"How many {colour} shapes are there?", NUMBERS[colours.count(colour)]))
+    a, b = rng.sample(SHAPES, 2)
+    if shapes.count(a) != shapes.count(b):  # a tie would make "more" a trick question
+        out.append(("compare", f"Are there more {plural(a)} than {plural(b)}?", "yes" if shapes.count(a) > shapes.count(b) else "no"))
+    asked = []  # (relation, anchor shape, the one object in that relation to it)
+    for anchor in unique_shapes:
+        cell = objects[shapes.index(anchor)][2]
+        for relation in RELATIONS:
+            found = [o for o in objects if related(o[2], cell, relation)]
+            if len(found) == 1:
+                asked.append((relation, anchor, found[0]))
+    if asked:
+        relation, anchor, (colour, _, _) = rng.choice(asked)
+        out.append(("relation", f"What colour is the shape {relation} the {anchor}?", colour))
+    present = rng.random() < 0.5
+    colour, shape = (rng.choice([(c, s) for c, s, _ in objects]) if present else
+                     rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in zip(colours, shapes)]))
+    out.append(("exists", f"Is there a {colour} {shape}?", "yes" if present else "no"))
+    colour = rng.choice(colours)
+    out.append(("negation", f"How many shapes are not {colour}?", NUMBERS[len(objects) - colours.count(colour)]))
+    shape, colour = rng.choice(shapes), rng.choice(colours)
+    out.append(("combination", f"How many {plural(shape)} are not {colour}?",
+                NUMBERS[sum(s == shape and c != colour for c, s in zip(colours, shapes))]))
     if scene["word"]:
         out.append(("ocr", "What word is written in the image?", scene["word"][0]))
     return out
@@ -104,11 +148,11 @@ def gives_away(question, answer):
     return f" {answer} " in f" {question.rstrip('?')} "
 
 
-def training_questions(rng, scene, limit):
-    """Up to `limit` questions for one training conversation, none of which gives away another's
-    answer ("Is there a red circle?" answers "What colour is the shape?"). With such leaks a
-    small LLM can learn to copy answers from earlier turns instead of reading the image, and a
-    one-question evaluation gives it nothing to copy."""
+def conversation_questions(rng, scene, limit):
+    """Up to `limit` questions for one conversation, none of which gives away another's answer
+    ("Is there a red circle?" answers "What colour is the circle?"). With such leaks a small LLM
+    can learn to copy answers from earlier turns instead of reading the scene, and a one-question
+    evaluation gives it nothing to copy."""
     candidates = questions(rng, scene)
     rng.shuffle(candidates)
     chosen = []
@@ -130,6 +174,11 @@ def with_image_tag(rng, text):
     return f"<image>\n{text}" if rng.random() < 0.7 else f"{text}\n<image>"
 
 
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/toy")
@@ -143,30 +192,26 @@ def main():
 
     rng = random.Random(args.seed)
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    pretrain, finetune, reasoning, ocr, scenes = [], [], [], [], {}
+    pretrain, finetune, reasoning, ocr, in_words, scenes = [], [], [], [], [], {}
     for i in tqdm(range(args.num_train + args.num_eval), desc="toy images"):
         held_out = i >= args.num_train
-        # held-out images take colours and shapes in turn, each pairing once per 24 images (the
-        # shape steps one further every lcm(6, 4) = 12), so each is asked about equally often and
-        # a majority answer scores chance
-        j = i - args.num_train
-        cycle = math.lcm(len(COLOURS), len(SHAPES))
-        kind = (COLOURS[j % len(COLOURS)], SHAPES[(j + j // cycle) % len(SHAPES)]) if held_out else None
-        scene = make_scene(rng, rng.random() < args.word_fraction, kind)
+        scene = make_scene(rng, rng.random() < args.word_fraction)
         image = f"{'eval' if held_out else 'train'}_{i:06d}.png"
-        render(scene, os.path.join(args.out, "images", image))
+        render(scene).save(os.path.join(args.out, "images", image))
         scenes[image] = scene
         if held_out:  # one question of each type
             for kind, question, answer in questions(rng, scene):
-                target = ocr if kind == "ocr" else reasoning
-                target.append({"question_id": f"{image[:-4]}-{kind}", "image": image,
-                               "question": question, "answers": [answer], "category": kind})
+                row = {"question_id": f"{image[:-4]}-{kind}", "image": image, "question": question,
+                       "answers": [answer], "category": kind}
+                (ocr if kind == "ocr" else reasoning).append(row)
+                if kind != "ocr":
+                    in_words.append(dict(row, scene=caption(scene)))
             continue
         pretrain.append({"id": f"cap-{i}", "image": image, "conversations": [
             {"from": "human", "value": with_image_tag(rng, rng.choice(DESCRIBE))},
             {"from": "gpt", "value": caption(scene)}]})
         turns = []
-        for kind, question, answer in training_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
+        for kind, question, answer in conversation_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
         turns[0]["value"] = with_image_tag(rng, turns[0]["value"])
         finetune.append({"id": f"qa-{i}", "image": image, "conversations": turns})
@@ -182,10 +227,10 @@ def main():
     for bench, rows in (("toy_reasoning", reasoning), ("toy_ocr", ocr)):  # 03_evaluate's --data-root layout
         folder = os.path.join(args.out, "eval", bench)
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "questions.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        write_jsonl(os.path.join(folder, "questions.jsonl"), rows)
         if not os.path.lexists(os.path.join(folder, "images")):
             os.symlink(os.path.join("..", "..", "images"), os.path.join(folder, "images"))
+    write_jsonl(os.path.join(args.out, "eval", "toy_reasoning", "scenes.jsonl"), in_words)
     print(f"{args.out}: {len(pretrain)} captions, {len(finetune)} finetune samples, "
           f"{len(reasoning)} reasoning and {len(ocr)} OCR held-out questions")
 
