@@ -34,6 +34,8 @@ def parse_args():
     p.add_argument("--data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
     p.add_argument("--output-dir", help="default MODEL/eval")
     p.add_argument("--batch-size", type=int, default=evaluation.BATCH_SIZE)
+    p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower, "
+                   "store its features in DIR (fp16) and reuse them across questions and models")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--score-only", action="store_true", help="score --answers against --questions")
     p.add_argument("--questions")
@@ -63,17 +65,18 @@ def answer_identity(args, world):
     (the batches, and so the padding, depend on the batch size and the number of processes).
     Each benchmark's answers add its questions (runs.questions_fingerprint)."""
     return dict(model=os.path.abspath(args.model), fingerprint=runs.model_fingerprint(args.model),
-                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, processes=world)
+                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, processes=world,
+                cached_features=bool(args.feature_cache))  # fp16 features: answers may differ in the last digits
 
 
 # ---------------------------------------------------------------- generation
 
 def generate_answers(model, tokenizer, image_processor, bench, questions, image_folder, folder, args,
-                     rank, world, device, identity):
+                     rank, world, device, identity, cache):
     answered = runs.read_answered(folder)
     mine = questions[rank::world]
     todo = evaluation.batches_to_answer(mine, args.batch_size, answered)
-    prompts = evaluation.Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config)
+    prompts = evaluation.Prompts(bench, mine, image_folder, tokenizer, image_processor, model.config, cache)
     loader = torch.utils.data.DataLoader(
         prompts, batch_sampler=todo, num_workers=2,
         collate_fn=lambda s: (s, None if any("error" in x for x in s) else
@@ -139,6 +142,8 @@ def main():
         runs.lock_directory(args.output_dir)
         runs.check_earlier_outputs(args.output_dir, identity, asked, args.params_b, args.overwrite)
     distributed.barrier()  # no rank appends to an answer file before rank 0 has checked it
+    cache = args.feature_cache and evaluation.feature_cache(args.feature_cache, model, image_processor, benches,
+                                                            args.data_root, rank)
 
     rows = []
     for bench, questions in benches.items():
@@ -147,7 +152,7 @@ def main():
         os.makedirs(folder, exist_ok=True)
         generate_answers(model, tokenizer, image_processor, bench, questions,
                          os.path.join(args.data_root, bench, "images"), folder, args, rank, world, device,
-                         answers_identity)
+                         answers_identity, cache or None)
         distributed.barrier()
         if rank == 0:
             answers = runs.merge_answers(folder, questions)

@@ -50,10 +50,24 @@ def read_benchmark(data_root, name):
     return questions
 
 
+def feature_cache(directory, model, image_processor, benches, data_root, rank):
+    """A features.FeatureCache in `directory` holding every image of benches ({name: questions}),
+    encoded by rank 0 (the others wait for it); an image that cannot be decoded stops the run."""
+    from toy import features
+    cache = features.FeatureCache(directory, model, image_processor, model.config.image_aspect)
+    paths = [os.path.join(data_root, bench, "images", q["image"]) for bench, questions in benches.items()
+             for q in questions]
+    failed = distributed.from_rank0(cache.prepare(paths, desc="benchmark image features")[1] if rank == 0 else None)
+    if failed:
+        fail(f"{len(failed)} benchmark images cannot be decoded, e.g. {next(iter(failed.values()))}")
+    return cache
+
+
 class Prompts(torch.utils.data.Dataset):
-    def __init__(self, bench, questions, image_folder, tokenizer, image_processor, config):
+    """A benchmark's prompts and images (or, from a feature_cache, the images' vision features)."""
+    def __init__(self, bench, questions, image_folder, tokenizer, image_processor, config, cache=None):
         self.bench, self.questions, self.image_folder = bench, questions, image_folder
-        self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
+        self.tokenizer, self.image_processor, self.config, self.cache = tokenizer, image_processor, config, cache
 
     def __len__(self):
         return len(self.questions)
@@ -64,6 +78,11 @@ class Prompts(torch.utils.data.Dataset):
         sample = conversation.prompt(self.tokenizer, text, self.config.tokens,
                                      self.config.image_first, template=self.config.conv_template)
         image = os.path.join(self.image_folder, record["image"])
+        sample["pixel_values"] = None
+        if self.cache is not None:
+            sample["features"] = self.cache.load(image)
+            sample["prompt"] = text
+            return sample
         try:
             sample["pixel_values"] = conversation.load_image(image, self.image_processor,
                                                              self.config.image_aspect)
@@ -90,16 +109,16 @@ def headline(metrics):
 
 
 @torch.no_grad()
-def live_scores(model, tokenizer, image_processor, benches, data_root, max_new_tokens, rank, world, device):
+def live_scores(model, tokenizer, image_processor, benches, data_root, max_new_tokens, rank, world, device, cache=None):
     """{benchmark: headline scores} of the model as it is now, on benches ({name: questions}); every
-    process calls it."""
+    process calls it. cache: a feature_cache holding the benches' images."""
     scores = {}
     for bench, questions in benches.items():
         mine = questions[rank::world]
         batches = batches_to_answer(mine, BATCH_SIZE, {})
         rounds = math.ceil(math.ceil(len(questions) / world) / BATCH_SIZE)  # the batches of the largest share
         prompts = Prompts(bench, mine or questions[:1], os.path.join(data_root, bench, "images"), tokenizer,
-                          image_processor, model.config)
+                          image_processor, model.config, cache)
         rows = []
         for k, indices in enumerate(batches + (batches[:1] or [[0]]) * (rounds - len(batches))):
             samples = [prompts[i] for i in indices]

@@ -192,3 +192,24 @@ def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer
                                      toy.build_image_processor(), VLMConfig(tokens=4, conv_template=template))
         text = tokenizer.decode([i for i in prompts[0]["input_ids"] if i != constants.IMAGE_SLOT])
         assert text.startswith(start) and text.endswith(end)
+
+
+def test_cached_features_give_the_answers_of_the_images(checkpoint, toy_data, uninterrupted, tmp_path):
+    """--feature-cache encodes each image once and answers from its stored (fp16) features: the same
+    answers as from the images, a second run reads the cache without encoding, and the answers'
+    identity records the cache, so one output directory never mixes the two."""
+    cache = tmp_path / "cache"
+    first = evaluate(checkpoint, toy_data, tmp_path / "a", "--feature-cache", str(cache))
+    images = len({json.loads(line)["image"] for bench in BENCHES.split(",")
+                  for line in open(toy_data / "eval" / bench / "questions.jsonl")})
+    assert len(list(cache.glob("*/*.safetensors"))) == images and "benchmark image features" in first.stderr
+    second = evaluate(checkpoint, toy_data, tmp_path / "b", "--feature-cache", str(cache))
+    assert "benchmark image features" not in second.stderr  # nothing left to encode
+    for bench in BENCHES.split(","):
+        expected = [r["text"] for r in answers(uninterrupted, bench)]
+        for out in ("a", "b"):
+            rows = answers(tmp_path / out, bench)
+            assert [r["text"] for r in rows] == expected
+            assert rows[0]["metadata"]["cached_features"] is True
+    mixed = evaluate(checkpoint, toy_data, tmp_path / "a", check=False)
+    assert mixed.returncode != 0

@@ -160,15 +160,12 @@ def load_vision():
     return CLIPVisionModel.from_pretrained(_pretrained(VISION), dtype=torch.float32), build_image_processor()
 
 
-def save_toy_models(directory, llm="toy", pretrained=False):
-    """Write a toy LLM+tokenizer to DIR/llm and a toy vision tower to DIR/vision, exactly as a hub
-    checkpoint is laid out, so tests exercise the `--llm DIR` loading path. Random-init unless
-    pretrained."""
+def save_toy_models(directory, llm="toy"):
+    """Write a random-init toy LLM+tokenizer to DIR/llm and toy vision tower to DIR/vision, exactly
+    as a hub checkpoint is laid out, so tests exercise the `--llm DIR` loading path."""
     tokenizer = build_tokenizer()
-    llm_model = load_llm(llm)[0] if pretrained else build_llm(llm, len(tokenizer))
-    vision = load_vision()[0] if pretrained else build_vision()
-    llm_model.save_pretrained(f"{directory}/llm")
+    build_llm(llm, len(tokenizer)).save_pretrained(f"{directory}/llm")
     tokenizer.save_pretrained(f"{directory}/llm")
-    vision.save_pretrained(f"{directory}/vision")
+    build_vision().save_pretrained(f"{directory}/vision")
     build_image_processor().save_pretrained(f"{directory}/vision")
     return f"{directory}/llm", f"{directory}/vision"

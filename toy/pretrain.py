@@ -5,7 +5,7 @@
 
 LLMs: each size from its random init (toy.build_llm) on the same text corpus for the same number of
 conversations (LLM_RECIPE, same tokens for every size): scenes of the toy world described in words
-(make_data.caption), each followed by one to three of its questions, or by a request to describe
+(make_data.caption), each followed by two to four of its questions, or by a request to describe
 it (so the LLM already speaks the captions stage 1 trains on). Loss on the answers only, AdamW,
 linear warm-up then cosine decay. The vision tower: the toy CLIP from its random init, trained to
 name, per cell of the 3x3 grid, the colour and shape of the object there (or none) and the word
@@ -32,7 +32,7 @@ from constants import IGNORE
 from modeling_vlm import SELECT_LAYER
 from toy import make_data
 
-LLM_RECIPE = dict(conversations=64000, batch_size=32, lr=1e-3, warmup=100, describe=0.2, seed=0, max_length=192)
+LLM_RECIPE = dict(conversations=96000, batch_size=32, lr=1e-3, warmup=100, describe=0.1, seed=0, max_length=256)
 VISION_RECIPE = dict(images=6400, batch_size=16, lr=2e-3, warmup=40, seed=0)
 
 
@@ -40,7 +40,8 @@ def settings(name, **overrides):
     """What decides a pretrained model: its recipe, its architecture, and (LLMs) the tokenizer and
     the world's text, fingerprinted by a few of the corpus's conversations."""
     if name == toy.VISION:
-        return dict(model=name, architecture=toy.vision_config().to_diff_dict(), **dict(VISION_RECIPE, **overrides))
+        architecture = {k: v for k, v in toy.vision_config().to_diff_dict().items() if k != "transformers_version"}
+        return dict(model=name, architecture=architecture, **dict(VISION_RECIPE, **overrides))
     # the rate up to width 128, times 128/width above (toy-l): an Adam step moves a layer's output in
     # proportion to width x lr, and the probe behind docs/toy_world.md saw width 128 stall at 2e-3
     recipe = dict(LLM_RECIPE, lr=LLM_RECIPE["lr"] * min(1, 128 / toy.LLM_SIZES[name][0]), **overrides)
@@ -56,7 +57,7 @@ def text_conversation(rng, describe):
     if rng.random() < describe:
         pairs = [(rng.choice(make_data.DESCRIBE), words)]
     else:
-        pairs = [(q + make_data.SHORT, a) for _, q, a in make_data.conversation_questions(rng, scene, rng.randint(1, 3))]
+        pairs = [(q + make_data.SHORT, a) for _, q, a in make_data.conversation_questions(rng, scene, rng.randint(2, 4))]
     turns = []
     for question, answer in pairs:
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
