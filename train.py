@@ -433,18 +433,19 @@ def load_data(args, rank, say, tokenize):
 
 def drop_undecodable(records, args, failed, say):
     """Records whose image passed the header check but could not be decoded into the feature
-    cache: refused by name, or skipped with --skip-bad-samples. failed: {path: why}."""
+    cache: refused by name, or skipped with --skip-bad-samples (llava_data.BadSamples). failed:
+    {path: why}."""
     if not failed:
         return records
-    bad = set()
+    policy, bad = llava_data.BadSamples(args.skip_bad_samples, say), set()
     for index, record in enumerate(records):
         path = os.path.join(args.image_folder, record["image"]) if "image" in record else None
         if path not in failed:
             continue
-        problem = f"{llava_data.record_name(args.data, None, record)}: {failed[path]}"
-        if not args.skip_bad_samples:
-            raise SystemExit(f"error: {problem} (or pass --skip-bad-samples)")
-        say(f"skipping {problem}")
+        try:
+            policy.reject(llava_data.record_name(args.data, None, record), failed[path])
+        except llava_data.BadSample as e:
+            raise SystemExit(f"error: {e}") from None
         bad.add(index)
     return [record for index, record in enumerate(records) if index not in bad]
 
@@ -501,8 +502,8 @@ def standardize(model, dataset, pad_id, device, say):
     """--standardize-features: fit_standardization, a bad sample refused by name."""
     try:
         measured = fit_standardization(model, dataset, pad_id, device)
-    except llava_data.BadSample as e:
-        raise SystemExit(f"error: {e} (or pass --skip-bad-samples)") from None
+    except llava_data.BadSample as e:  # its message says how to skip it
+        raise SystemExit(f"error: {e}") from None
     say(f"standardized vision features with statistics of {measured} training images")
 
 
@@ -612,8 +613,8 @@ def next_step(steps):
     """The next step's micro-batches; a bad sample met in loading stops the run with its name."""
     try:
         return next(steps)
-    except llava_data.BadSample as e:  # from a worker: keep its message, not its traceback
-        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]} (or pass --skip-bad-samples)") from None
+    except llava_data.BadSample as e:  # from a worker: keep its message (llava_data.refusal), not its traceback
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
 
 
 def train_step(model, optimizer, groups, micro, step, args, accumulation, world, device, compute):
