@@ -35,6 +35,7 @@ import constants
 import conversation
 import distributed
 import evaluation
+import features
 import llava_data
 import compressors
 import runs
@@ -91,7 +92,7 @@ def add_training_arguments(p, stage):
                    help=f"standardize the vision features per channel, with statistics of the first {STANDARDIZE_IMAGES} training "
                         "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
-                   "and reuse the features across runs and epochs (toy/features.py)")
+                   "and reuse the features across runs and epochs (features.py)")
 
 
 def add_recipe_arguments(p, stage):
@@ -455,7 +456,6 @@ def open_feature_cache(args, model, image_processor, records, rank, say):
     fails to decode is refused or skipped (drop_undecodable). -> (the cache or None, the records)"""
     if not args.feature_cache:
         return None, records
-    from toy import features
     cache = features.FeatureCache(args.feature_cache, model, image_processor, args.image_aspect)
     failed = None
     if rank == 0:
@@ -489,8 +489,8 @@ def fit_standardization(model, dataset, pad_id, device, chunk=8):
     def encoded(part):  # chunk by chunk, encoded again per statistic: CLIP-L's 256 images at once are ~3 GB
         for start in range(0, len(samples), chunk):
             batch = conversation.collate(samples[start:start + chunk], pad_id)
-            features = batch["features"] if "features" in batch else model.encode_images(batch["pixel_values"].to(device))
-            yield features[part].float()
+            hidden = batch["features"] if "features" in batch else model.encode_images(batch["pixel_values"].to(device))
+            yield hidden[part].float()
 
     model.projector.standardize_patches.fit(encoded(0))
     if model.projector.needs_multi_level:
