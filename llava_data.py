@@ -62,8 +62,8 @@ class BadSamples:
 
 def iter_records(path, chunk=1 << 24):
     """Yield (record, its JSON text) from a JSON list or JSONL file, reading a chunk of text at a
-    time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.
-    Malformed JSON names its line."""
+    time: json.load would hold the whole file parsed at once (LLaVA-665K's: docs/data.md), this
+    holds a chunk and a record. Malformed JSON names its line."""
     with open(path, encoding="utf-8") as f:
         text = f.read(chunk)
         if text.lstrip().startswith("["):
@@ -192,9 +192,9 @@ CHUNK = 256  # records a checking process takes at a time
 
 def checked_records(path, tokenize=None, processes=1):
     """Yield (index, record, its JSON text, why check_record refuses it or None) for each record of
-    the file, in order. Tokenizing costs about 1 ms a record (LLaVA-665K: over 10 minutes on one
-    core), so with tokenize and processes > 1 the checks run in that many forked processes, the
-    file still streamed once and at most a few chunks of records in flight."""
+    the file, in order. Tokenizing is most of the checks' cost (docs/data.md measures it), so with
+    tokenize and processes > 1 the checks run in that many forked processes, the file still
+    streamed once and at most a few chunks of records in flight."""
     records = enumerate(iter_records(path))
     if tokenize is None or processes <= 1:
         for index, (record, text) in records:

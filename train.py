@@ -56,31 +56,36 @@ def add_training_arguments(p, stage):
     p.add_argument("--llm", default="toy", help="hub name, local directory, or toy preset (toy, toy-xs/s/m/l)")
     p.add_argument("--vision", default=VISION, help="hub name, directory, or toy")
     p.add_argument("--tokens", type=int, default=4, help="visual tokens V per image")
-    p.add_argument("--compressor", default="quecc", choices=list(compressors.COMPRESSORS))
+    p.add_argument("--compressor", default="quecc", choices=list(compressors.COMPRESSORS),
+                   help="what turns the tower's patches into V visual tokens (docs/quecc.md)")
     p.add_argument("--data", default=stage["data"], help="LLaVA-format JSON or JSONL")
-    p.add_argument("--image-folder", default=stage["image_folder"])
+    p.add_argument("--image-folder", default=stage["image_folder"], help="the folder the records' image paths start from")
     p.add_argument("--output-dir", help=f"default runs/LLM-COMPRESSOR-vTOKENS/{stage['output']} (LLM: the last part of --llm)")
     p.add_argument("--projector", help="output directory of stage 1 to start the projector from (stage 2's "
                    "default: the stage1 folder next to --output-dir); 'none': a fresh projector")
-    p.add_argument("--lr", type=float, default=stage["lr"])
+    p.add_argument("--lr", type=float, default=stage["lr"], help="peak learning rate: linear warmup, then cosine to zero")
     p.add_argument("--projector-lr", type=float, help="projector learning rate when it differs (LoRA: 2e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="the share of the steps the learning rate warms up")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0 = never)")
     p.add_argument("--batch-size", type=int, default=stage["batch_size"], help="global batch, all devices")
     p.add_argument("--micro-batch-size", type=int, default=8, help="per device; the rest is accumulation")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data, each in its own shuffled order")
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--skip-bad-samples", action="store_true")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=2048, help="tokens a sample keeps; a record it would leave "
+                   "without an answer token, or cut the image span of, is refused")
+    p.add_argument("--seed", type=int, default=42, help="the data order and every random draw")
+    p.add_argument("--skip-bad-samples", action="store_true", help="log and leave out a record training cannot take "
+                   "instead of stopping at it (llava_data.BadSamples)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loader processes per device")
     p.add_argument("--image-after-question", action="store_true",
                    help="put the image after the question (deviation from LLaVA; enables prefix caching)")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on the LLM (0 = full finetuning)")
     p.add_argument("--qlora", action="store_true", help="LLM in 4-bit NF4 with LoRA on top")
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"])
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw8bit: bitsandbytes' 8-bit AdamW, smaller optimizer states")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute the LLM's activations in the backward pass: less memory, more compute")
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length")
     p.add_argument("--packing", action="store_true", help="pack each device's samples of a step into rows of up to "
                    "--max-length tokens, each sample attending to itself alone: little padding (docs/training.md)")
@@ -116,7 +121,7 @@ def add_recipe_arguments(p, stage):
     p.add_argument("--eval-bench", metavar="NAMES", help="comma-separated benchmarks, read as 03_evaluate.py reads them")
     p.add_argument("--eval-limit", type=int, default=0, metavar="K", help="the first K questions of each (0 = all)")
     p.add_argument("--eval-data-root", default="data/eval", help="folder holding BENCH/questions.jsonl and BENCH/images/")
-    p.add_argument("--eval-max-new-tokens", type=int, default=128)
+    p.add_argument("--eval-max-new-tokens", type=int, default=128, help="the longest answer generated")
 
 
 def check_values(p, args):
