@@ -26,10 +26,10 @@ from torch.utils.data import Dataset
 
 try:  # in a model folder, for the processor (modeling_vlm.py explains)
     from .constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
-    from .llava_data import ROLES, BadSample, record_name, trained_turns
+    from .llava_data import ROLES, BadSamples, record_name, trained_turns
 except ImportError:
     from constants import IGNORE, IMAGE_SLOT, IMAGE_TOKEN
-    from llava_data import ROLES, BadSample, record_name, trained_turns
+    from llava_data import ROLES, BadSamples, record_name, trained_turns
 TEMPLATES = ("chat", "vicuna_v1", "plain")
 # LLaVA llava/conversation.py, conv_vicuna_v1 (docs/sources.md): "user", where the older
 # conv_llava_v1, which LLaVA-1.5 does not use, says "human"
@@ -242,7 +242,7 @@ class SupervisedDataset(Dataset):
         self.records, self.path, self.image_folder = records, path, image_folder
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
-        self.image_first, self.skip_bad = image_first, skip_bad
+        self.image_first, self.bad = image_first, BadSamples(skip_bad)
         self.feature_cache = feature_cache
         self.template, self.aspect = template, aspect
 
@@ -261,11 +261,9 @@ class SupervisedDataset(Dataset):
                     sample["features"] = self.feature_cache.load(image)
                 else:
                     sample["pixel_values"] = load_image(image, self.image_processor, self.aspect)
-        except Exception as e:
-            if self.skip_bad:  # collate drops it; the loss is normalised by label tokens anyway
-                print(f"skipping {record_name(self.path, index, record)}: {e}")
-                return None
-            raise BadSample(f"{record_name(self.path, index, record)}: {e}") from e
+        except Exception as e:  # skipped: collate drops it; the loss is normalised by label tokens anyway
+            self.bad.reject(record_name(self.path, index, record), e, cause=e)
+            return None
         return sample
 
 
@@ -279,6 +277,11 @@ def has_image(sample):
     return sample["pixel_values"] is not None or sample.get("features") is not None
 
 
+def taken(samples):
+    """The samples without those SupervisedDataset skipped (None: llava_data.BadSamples)."""
+    return [s for s in samples if s is not None]
+
+
 def collate(samples, pad_id, left=False):
     """Padded batch: right-padded for training, left-padded (left=True) for generation, so
     every prompt ends at the last column. pixel_values stacks only the samples that have an
@@ -287,8 +290,7 @@ def collate(samples, pad_id, left=False):
     stacked the same way: VLM.forward and vlm.generate take it in place of pixel_values."""
     # A micro-batch whose every sample was skipped (--skip-bad-samples) still runs, as one pad
     # token without label or image: FSDP ranks must all run the model alike.
-    samples = [s for s in samples if s is not None] or [
-        dict(input_ids=[pad_id], labels=[IGNORE], query_ids=[pad_id], pixel_values=None)]
+    samples = taken(samples) or [dict(input_ids=[pad_id], labels=[IGNORE], query_ids=[pad_id], pixel_values=None)]
     batch = dict(input_ids=pad([s["input_ids"] for s in samples], pad_id, left),
                  labels=pad([s["labels"] for s in samples], IGNORE, left),
                  attention_mask=pad([[1] * len(s["input_ids"]) for s in samples], 0, left))
@@ -338,7 +340,7 @@ def collate_packed(samples, pad_id, max_length, micro_batches):
     micro-batch gets rows of similar length, so every rank runs the model `micro_batches` times
     whatever the lengths (FSDP). A micro-batch left without a row (only when skipped samples leave
     fewer samples than micro-batches) runs as collate's one pad token."""
-    samples = [s for s in samples if s is not None]
+    samples = taken(samples)
     rows = pack([len(s["input_ids"]) for s in samples], max_length, micro_batches)
     rows = [[samples[i] for i in row] for row in rows]
     share, extra = divmod(len(rows), micro_batches)

@@ -6,8 +6,9 @@ A record (LLaVA-1.5's docs/Data.md; docs/sources.md):
                        {"from": "gpt", "value": "A cat."}, ...]}
 
 Every record is checked before training starts; a bad one stops the run naming the file and the
-record (or, with --skip-bad-samples, is logged and dropped). Training then reads the records it
-takes from one memory-mapped file (RecordFile), which every rank and data-loader worker shares.
+record (or, with --skip-bad-samples, is logged and dropped: BadSamples, the one policy for it, also
+applied where an image fails to decode later). Training then reads the records it takes from one
+memory-mapped file (RecordFile), which every rank and data-loader worker shares.
 """
 import collections
 import hashlib
@@ -37,10 +38,32 @@ def record_name(path, index, record):
     return f"{path}: record" + (f" {index}" if index is not None else "") + (f" (id {rid})" if rid is not None else "")
 
 
+def refusal(problem):
+    """What stops a run at a bad record: its name and problem, and the way past it."""
+    return f"{problem} (or pass --skip-bad-samples)"
+
+
+class BadSamples:
+    """--skip-bad-samples, the one policy for a record training cannot take, wherever it is met
+    (validation, the feature cache, loading a sample): without the flag it stops the run with
+    refusal()'s message; with it the record is logged ("skipping NAME: PROBLEM"), counted and left
+    out by the caller. A sample left out in loading is None to collate, which drops it."""
+
+    def __init__(self, skip, log=print):
+        self.skip, self.log, self.skipped = skip, log, 0
+
+    def reject(self, name, problem, cause=None):
+        """A bad record (name: record_name's): raise BadSample, or log and count it and return."""
+        if not self.skip:
+            raise BadSample(refusal(f"{name}: {problem}")) from cause
+        self.log(f"skipping {name}: {problem}")
+        self.skipped += 1
+
+
 def iter_records(path, chunk=1 << 24):
     """Yield (record, its JSON text) from a JSON list or JSONL file, reading a chunk of text at a
-    time: json.load of LLaVA-665K's 1 GB file holds about 3.7 GB at once, this a chunk and a record.
-    Malformed JSON names its line."""
+    time: json.load would hold the whole file parsed at once (LLaVA-665K's: docs/data.md), this
+    holds a chunk and a record. Malformed JSON names its line."""
     with open(path, encoding="utf-8") as f:
         text = f.read(chunk)
         if text.lstrip().startswith("["):
@@ -169,9 +192,9 @@ CHUNK = 256  # records a checking process takes at a time
 
 def checked_records(path, tokenize=None, processes=1):
     """Yield (index, record, its JSON text, why check_record refuses it or None) for each record of
-    the file, in order. Tokenizing costs about 1 ms a record (LLaVA-665K: over 10 minutes on one
-    core), so with tokenize and processes > 1 the checks run in that many forked processes, the
-    file still streamed once and at most a few chunks of records in flight."""
+    the file, in order. Tokenizing is most of the checks' cost (docs/data.md measures it), so with
+    tokenize and processes > 1 the checks run in that many forked processes, the file still
+    streamed once and at most a few chunks of records in flight."""
     records = enumerate(iter_records(path))
     if tokenize is None or processes <= 1:
         for index, (record, text) in records:
@@ -215,7 +238,7 @@ def valid_records(path, image_folder, skip_bad=False, log=print, tokenize=None, 
     """Read and validate the whole file before training starts: yield (record, its JSON text) for
     each record training can take. A bad record stops the run with its name, or with skip_bad is
     logged and dropped. tokenize, processes: check_record's and checked_records'."""
-    kept, bad = 0, 0
+    kept, bad = 0, BadSamples(skip_bad, log)
     image_errors = {}  # image path -> its error or None: an image several records share is read once
     for index, record, text, problem in checked_records(path, tokenize, processes):
         if problem is None and "image" in record:
@@ -228,15 +251,12 @@ def valid_records(path, image_folder, skip_bad=False, log=print, tokenize=None, 
                     image_errors[image] = str(e)
             problem = image_errors[image]
         if problem:
-            if not skip_bad:
-                raise BadSample(f"{record_name(path, index, record)}: {problem} (or pass --skip-bad-samples)")
-            log(f"skipping {record_name(path, index, record)}: {problem}")
-            bad += 1
+            bad.reject(record_name(path, index, record), problem)
             continue
         kept += 1
         yield record, text
-    if bad:
-        log(f"skipped {bad} bad samples of {kept + bad} in {path}")
+    if bad.skipped:
+        log(f"skipped {bad.skipped} bad samples of {kept + bad.skipped} in {path}")
     if not kept:
         raise BadSample(f"{path}: no usable samples")
 

@@ -236,7 +236,7 @@ def read_answered(folder):
 
 def model_fingerprint(directory):
     """sha1 of the files that make the model's answers: its config, generation settings and weights
-    (stage 1's projector; a model folder's, a 7B LLM's taking ~10 s to read). Every answer carries it."""
+    (stage 1's projector; a model folder's, the whole LLM: docs/evaluation.md). Every answer carries it."""
     digest = hashlib.sha1()
     files = [vlm.CONFIG_FILE] + [name for name in [vlm.GENERATION_CONFIG_FILE] if os.path.exists(os.path.join(
         directory, name))] + sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.safetensors")))

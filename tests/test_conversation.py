@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 import conversation
+import features
 import llava_data
 import toy
 from constants import IGNORE, IMAGE_SLOT
@@ -360,7 +361,6 @@ def test_image_that_fails_to_decode_names_the_record(tmp_path, tokenizer):
 def test_stage_one_crops_stage_two_pads(tmp_path):
     """LLaVA-1.5: pretrain.sh resizes and centre-crops, stage 2 pads to square; the feature cache
     keeps a cropped non-square image apart from its padded self (a square one is the same picture)."""
-    from toy import features
     processor = toy.build_image_processor()
     wide = Image.new("RGB", (192, 96), (255, 0, 0))
     wide.paste((0, 0, 255), (0, 0, 48, 96))  # a blue strip the centre crop cuts away

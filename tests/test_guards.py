@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import constants
 import benchmarks
 import conversation
+import features
 import llava_data
 import runs
 import train
@@ -142,7 +143,6 @@ def test_stage1_trains_on_text_only_micro_batches(toy_data, tmp_path):
 
 
 def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_path, capsys):
-    from toy import features
     model, _, processor = vlm.build("toy-xs", "toy", 4, "quecc")
     cache = features.FeatureCache(tmp_path, model, processor)
     images = [str(toy_data / "images" / r["image"]) for r in json.load(open(toy_data / "pretrain.json"))[:2]]
@@ -159,7 +159,6 @@ def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_
 def test_an_undecodable_image_is_reported_under_every_path_that_holds_it(toy_data, tmp_path):
     """The cache encodes an image once whatever its paths; a failure names each of them, so the
     records of a copy under another name are refused too."""
-    from toy import features
     images, records = truncated_png(toy_data, tmp_path)
     victim = images / records[2]["image"]
     shutil.copy(victim, images / "copy.png")

@@ -1,4 +1,5 @@
-"""A feature cache for the frozen vision tower: each image is encoded once per encoder.
+"""A feature cache for the frozen vision tower: each image is encoded once per encoder
+(train.py --feature-cache, any tower, toy or real).
 
 The vision tower never trains (both stages), so its hidden states for an image are
 the same in every run of a sweep, every epoch and every evaluation. The cache keeps
