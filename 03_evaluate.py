@@ -87,7 +87,7 @@ def generate_answers(model, tokenizer, image_processor, bench, questions, image_
         for indices, (samples, batch) in zip(todo, tqdm(loader, desc=bench, disable=rank != 0)):
             if batch is None:
                 evaluation.fail(next(x["error"] for x in samples if "error" in x))
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = conversation.to_device(batch, device)
             texts = vlm.generate(model, tokenizer, batch, args.max_new_tokens)
             rows = [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text,
                          answer_id=f"{model_id}-{mine[i]['question_id']}", model_id=model_id, metadata=identity)

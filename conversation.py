@@ -273,6 +273,13 @@ def pad(sequences, value, left=False):
                          for s in sequences], dtype=torch.long)
 
 
+def to_device(batch, device):
+    """A collated batch on `device`: its tensors, and the tensors of a tuple entry (cached features)."""
+    def move(value):
+        return tuple(None if v is None else v.to(device) for v in value) if isinstance(value, tuple) else value.to(device)
+    return {key: move(value) for key, value in batch.items()}
+
+
 def has_image(sample):
     return sample["pixel_values"] is not None or sample.get("features") is not None
 

@@ -17,6 +17,7 @@ import torch
 import benchmarks
 import conversation
 import distributed
+import features
 import vlm
 
 BATCH_SIZE = 16  # 03_evaluate.py's --batch-size and training's evaluation batches
@@ -53,7 +54,6 @@ def read_benchmark(data_root, name):
 def feature_cache(directory, model, image_processor, benches, data_root, rank):
     """A features.FeatureCache in `directory` holding every image of benches ({name: questions}),
     encoded by rank 0 (the others wait for it); an image that cannot be decoded stops the run."""
-    from toy import features
     cache = features.FeatureCache(directory, model, image_processor, model.config.image_aspect)
     paths = [os.path.join(data_root, bench, "images", q["image"]) for bench, questions in benches.items()
              for q in questions]
@@ -125,8 +125,7 @@ def live_scores(model, tokenizer, image_processor, benches, data_root, max_new_t
             if any("error" in s for s in samples):
                 fail(next(s["error"] for s in samples if "error" in s))
             batch = conversation.collate(samples, tokenizer.pad_token_id, left=True)
-            texts = vlm.generate(model, tokenizer, {key: value.to(device) for key, value in batch.items()},
-                                 max_new_tokens, synced=world > 1)
+            texts = vlm.generate(model, tokenizer, conversation.to_device(batch, device), max_new_tokens, synced=world > 1)
             if k < len(batches):
                 rows += [dict(question_id=mine[i]["question_id"], prompt=s["prompt"], text=text)
                          for i, s, text in zip(indices, samples, texts)]

@@ -577,13 +577,6 @@ def lr_at(step, total, warmup, base):
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def to_device(value, device):
-    """A batch entry: a tensor, or a tuple of tensors / None (cached features)."""
-    if isinstance(value, tuple):
-        return tuple(None if v is None else v.to(device) for v in value)
-    return value.to(device)
-
-
 def clip_gradients(groups, max_norm):
     """Global gradient norm over all trainable parameters (sharded or not), clipped in place to
     max_norm (0: never). -> the norm before clipping, as logged."""
@@ -635,7 +628,7 @@ def train_step(model, optimizer, groups, micro, step, args, accumulation, world,
         raise SystemExit(f"error: step {step + 1}: no sample of the global batch has an answer token left")
     loss_sum, tokens, samples = 0.0, 0, 0
     for k, batch in enumerate(micro):
-        batch = {key: to_device(value, device) for key, value in batch.items()}
+        batch = conversation.to_device(batch, device)
         if world > 1:  # reduce-scatter gradients once per step, not once per micro-batch
             model.llm.set_requires_gradient_sync(k == accumulation - 1)
         with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
@@ -711,12 +704,13 @@ def read_benches(args):
             for name in args.eval_bench.split(",")} if args.eval_bench else {}
 
 
-def live_eval(model, tokenizer, image_processor, benches, args, rank, world, device, compute):
-    """--eval-every: 03_evaluate.py's scores of the live model, computing as it trains (bf16 on a GPU)."""
+def live_eval(model, tokenizer, image_processor, benches, args, rank, world, device, compute, cache):
+    """--eval-every: 03_evaluate.py's scores of the live model, computing as it trains (bf16 on a GPU);
+    cache: the benches' images in --feature-cache, or None."""
     model.eval()
     with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
         scores = evaluation.live_scores(model, tokenizer, image_processor, benches,
-                                        args.eval_data_root, args.eval_max_new_tokens, rank, world, device)
+                                        args.eval_data_root, args.eval_max_new_tokens, rank, world, device, cache)
     model.train()
     return scores
 
@@ -742,6 +736,8 @@ def main(stage):
     records, data = load_data(args, rank, say, sample_tokenizer(args, tokenizer))
     run = dict(settings=runs.run_settings(args, world), data=data)  # stored with each checkpoint and the output
     cache, records = open_feature_cache(args, model, image_processor, records, rank, say)
+    eval_cache = evaluation.feature_cache(args.feature_cache, model, image_processor, benches, args.eval_data_root,
+                                          rank) if cache and benches else None
     dataset = training_dataset(args, records, tokenizer, image_processor, template, cache)
     if args.standardize_features:
         standardize(model, dataset, tokenizer.pad_token_id, device, say)
@@ -776,7 +772,8 @@ def main(stage):
             per_token = training_flops_per_token(model.llm, args.train_llm, tokens_all / samples_all)
             entry["mfu"] = per_token * tokens_all / elapsed / (peak * world)
         if args.eval_every and (step + 1) % args.eval_every == 0:  # computing as it trains (bf16 on a GPU)
-            entry["eval"] = live_eval(model, tokenizer, image_processor, benches, args, rank, world, device, compute)
+            entry["eval"] = live_eval(model, tokenizer, image_processor, benches, args, rank, world, device, compute,
+                                      eval_cache)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
