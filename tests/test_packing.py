@@ -21,7 +21,7 @@ from conftest import ROOT
 from constants import IGNORE, IMAGE_SLOT
 from test_label_loss import build, loss_and_gradients
 
-ROW = 120  # --max-length of the packed rows: the toy samples (29-114 tokens) fit one to three a row
+ROW = 224  # --max-length of the packed rows: the toy samples (29-132 tokens) fit one to four a row
 
 
 def toy_samples(toy_data, tokens):
@@ -35,7 +35,7 @@ def toy_samples(toy_data, tokens):
 
 @pytest.fixture(scope="module")
 def samples(toy_data):
-    """toy_samples at V = 4: 29 to 114 tokens."""
+    """toy_samples at V = 4: 29 to 132 tokens."""
     return toy_samples(toy_data, 4)
 
 
@@ -154,7 +154,7 @@ def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch, atten
         block_diagonal_mask(model)
     at_labels, loss = [], modeling_vlm.label_loss
     monkeypatch.setattr(modeling_vlm, "label_loss", lambda head, hidden, targets: at_labels.append(hidden) or loss(head, hidden, targets))
-    first, second = samples[2], samples[3]  # two image samples, 76 + 40 tokens: one row
+    first, second = samples[2], samples[3]  # two image samples, 130 + 92 tokens: one row
     changed = dict(first, pixel_values=first["pixel_values"].flip(-1),
                    input_ids=[t if label != IGNORE or t == IMAGE_SLOT or k == 0 else (t + 1) % 300 + 3
                               for k, (t, label) in enumerate(zip(first["input_ids"], first["labels"]))])
@@ -181,12 +181,12 @@ def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypat
         calls.append((query.shape[0], query.shape[2], mask is not None))  # rows, length, masked
         return sdpa(module, query, key, value, mask, **kwargs)
     monkeypatch.setattr(modeling_vlm, "sdpa_attention_forward", recorded)
-    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 76, 40 and 78 tokens: two rows
+    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 130, 92 and 88 tokens: two rows
     packed = conversation.collate_packed(three, tokenizer.pad_token_id, ROW, 1)[0]
     padded = conversation.collate(three, tokenizer.pad_token_id)
     spans = [n for row in packed["position_ids"]
              for n in torch.cat([(row == 0).nonzero().flatten(), torch.tensor([len(row)])]).diff().tolist()]
-    assert sorted(spans) == sorted([76, 40, 78, 116 - 78])  # the three samples, the padding of the short row
+    assert sorted(spans) == sorted([130, 92, 88, 222 - 88])  # the three samples, the padding of the short row
     with torch.no_grad():
         for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 78, True)])):
             calls.clear()

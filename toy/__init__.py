@@ -161,11 +161,12 @@ def load_vision():
 
 
 def save_toy_models(directory, llm="toy"):
-    """Write a random-init toy LLM+tokenizer to DIR/llm and toy vision tower to DIR/vision, exactly
-    as a hub checkpoint is laid out, so tests exercise the `--llm DIR` loading path."""
-    tokenizer = build_tokenizer()
-    build_llm(llm, len(tokenizer)).save_pretrained(f"{directory}/llm")
+    """Write a toy LLM+tokenizer to DIR/llm and the toy vision tower to DIR/vision as the presets load
+    them, laid out exactly as a hub checkpoint, so tests exercise the `--llm DIR` loading path."""
+    model, tokenizer = load_llm(llm)
+    model.save_pretrained(f"{directory}/llm")
     tokenizer.save_pretrained(f"{directory}/llm")
-    build_vision().save_pretrained(f"{directory}/vision")
-    build_image_processor().save_pretrained(f"{directory}/vision")
+    vision, image_processor = load_vision()
+    vision.save_pretrained(f"{directory}/vision")
+    image_processor.save_pretrained(f"{directory}/vision")
     return f"{directory}/llm", f"{directory}/vision"

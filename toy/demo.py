@@ -57,7 +57,7 @@ DEFAULT_GRID = ("toy-xxs,toy-xs,toy-s", "1,4,16,64")
 FULL_GRID = ("toy-xxs,toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes of the toy runs, and stage 2's learning rate at width 64 (stage2_lr scales it).
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 3e-4
-STAGE1_STEPS, STAGE2_STEPS = 150, 150
+STAGE1_STEPS, STAGE2_STEPS = 100, 120
 # Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
 CURVE_POINTS, CURVE_QUESTIONS = 5, 70
 
@@ -272,7 +272,7 @@ def train_and_evaluate(args, compressor, size, tokens, seed, out, bar, stage1_on
     step(os.path.join(stage1, vlm.CONFIG_FILE),  # written last: the output is complete
          "01_pretrain_projector.py", "--llm", size, "--tokens", str(tokens), *common,
          "--data", os.path.join(data, "pretrain.json"), "--output-dir", stage1,
-         "--max-steps", str(args.stage1_steps), "--standardize-features",
+         "--max-steps", str(args.stage1_steps),
          "--batch-size", str(STAGE1_BATCH), "--micro-batch-size", str(STAGE1_BATCH),
          threads=None if stage1_only else threads)
     if stage1_only:
