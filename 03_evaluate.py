@@ -23,6 +23,7 @@ import benchmarks
 import conversation
 import distributed
 import evaluation
+import guard
 import runs
 import vlm
 
@@ -139,7 +140,7 @@ def main():
     identity = distributed.from_rank0(answer_identity(args, world) if rank == 0 else None)  # one read of the weights
     asked = {bench: runs.questions_fingerprint(bench, questions) for bench, questions in benches.items()}
     if rank == 0:  # one run per output directory at a time, and never another model's answers
-        runs.lock_directory(args.output_dir)
+        guard.lock_directory(args.output_dir)
         runs.check_earlier_outputs(args.output_dir, identity, asked, args.params_b, args.overwrite)
     distributed.barrier()  # no rank appends to an answer file before rank 0 has checked it
     cache = args.feature_cache and evaluation.feature_cache(args.feature_cache, model, image_processor, benches,

@@ -2,7 +2,6 @@
 with another run: the directory lock, training's stored settings and checkpoints, evaluation's
 answer files and results. The scripts' loops call these; none of it changes what is computed.
 """
-import fcntl
 import glob
 import hashlib
 import json
@@ -22,23 +21,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import benchmarks
 import vlm
 from distributed import all_ranks, barrier, from_rank0
+from guard import changed_settings, lock_directory
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is fine
-_held_locks = []
-
-
-def lock_directory(directory):
-    """An exclusive lock on DIR/.lock until this process ends (a kill releases it too): a second
-    run into the same directory stops at once instead of interleaving with the first. A POSIX
-    record lock, not flock: data-loader workers forked from this process do not hold it on."""
-    os.makedirs(directory, exist_ok=True)
-    handle = open(os.path.join(directory, ".lock"), "w")
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"error: {directory} is in use by another run (it holds the lock on {handle.name})") from None
-    _held_locks.append(handle)
-
 
 # ---------------------------------------------------------------- training runs (01, 02)
 
@@ -59,12 +44,6 @@ def run_settings(args, world):
     if args.loss_norm == "llava":
         settings.update(micro_batch_size=args.micro_batch_size, processes=world)
     return settings
-
-
-def changed_settings(saved, settings):
-    """-> '--name OLD -> NEW' for each setting that differs (a flag added since counts too)."""
-    return [f"{k if k == 'processes' else '--' + k.replace('_', '-')} {saved.get(k)!r} -> {settings.get(k)!r}"
-            for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
 
 
 def stored_runs(directory):
@@ -102,7 +81,7 @@ def prepare_output_dir(args, rank, world):
     settings = run_settings(args, world)
     for path, stored in stored_runs(directory):
         saved = stored.get("settings")
-        changed = changed_settings(saved, settings) if saved is not None else []
+        changed = changed_settings(saved, settings, {"processes": "processes"}) if saved is not None else []
         if changed:
             split = any(saved.get(k) != settings.get(k) for k in ("micro_batch_size", "processes"))
             why = " (under --loss-norm llava how each global batch is split changes the loss)" if split else ""

@@ -95,7 +95,8 @@ def add_training_arguments(p, stage):
                    help="start over in an output directory that holds another run (its outputs are deleted)")
     p.add_argument("--standardize-features", action="store_true",
                    help=f"standardize the vision features per channel, with statistics of the first {STANDARDIZE_IMAGES} training "
-                        "images, stored in the projector (the random toy tower needs it; quecc.Standardize)")
+                        "images, stored in the projector (for a tower whose features share a large picture-independent part, as a "
+                        "random one's do; quecc.Standardize)")
     p.add_argument("--feature-cache", metavar="DIR", help="encode each image once with the frozen vision tower "
                    "and reuse the features across runs and epochs (features.py)")
 

@@ -68,7 +68,7 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     assert (out / "runs" / "quecc-toy-xs-v1-s1" / "log.txt").read_text().count("02_finetune.py") == 1
     # other settings would reuse models trained with the old ones: refused
     result = run_script(*[a if a != "4" else "5" for a in args], check=False)
-    assert result.returncode != 0 and "--stage2-steps 4 (now 5)" in result.stderr
+    assert result.returncode != 0 and "--stage2-steps 4 -> 5" in result.stderr
     # so would runs made under another learning-rate rule (the rule is code, not a flag)
     settings = json.loads((out / "settings.json").read_text())
     settings["stage2_lr"]["toy-xs"] *= 2
@@ -79,7 +79,7 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     settings["stage2_batch"] = 8  # a batch size set in toy/demo.py, not by a flag
     (out / "settings.json").write_text(json.dumps(settings))
     result = run_script(*args, check=False)
-    assert result.returncode != 0 and "stage-2 batch size 8 (now 16)" in result.stderr
+    assert result.returncode != 0 and "stage-2 batch size 8 -> 16" in result.stderr
     settings["stage2_batch"] = 16
     settings["pretrained"]["toy-s"] = "an older toy-s"  # runs from toy models pretrained otherwise
     (out / "settings.json").write_text(json.dumps(settings))

@@ -225,7 +225,7 @@ def test_under_loss_norm_llava_the_batch_split_defines_the_run(tmp_path):
 
 
 def test_a_second_run_into_a_locked_directory_is_refused(toy_data, tmp_path, checkpoint):
-    locker = subprocess.Popen([sys.executable, "-c", "import sys, time, runs; runs.lock_directory(sys.argv[1]); "
+    locker = subprocess.Popen([sys.executable, "-c", "import sys, time, guard; guard.lock_directory(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

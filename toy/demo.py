@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tqdm import tqdm
 
 import compressors
-import runs
+import guard
 import toy
 import vlm
 from toy import pretrain
@@ -118,8 +118,7 @@ def parse_args():
     p.add_argument("--seeds", type=int, help="training seeds per (LLM size, V), 1..K (default 2, with --full 3): "
                    "the spread between them is the noise any conclusion must stand above")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="runs trained side by side, one CPU thread each (tiny models use threads poorly: "
-                        "two one-thread runs do 1.3-1.5x the work of one two-thread run on 2 cores)")
+                   help="runs trained side by side, one CPU thread each (tiny models use threads poorly)")
     args = p.parse_args()
     if args.full and (args.sizes or args.tokens):
         p.error("--full sets --sizes and --tokens; give one or the other")
@@ -162,8 +161,7 @@ def check_settings(out, args):
         if "compressor" in saved:  # one compressor per --out, its runs named without it
             sys.exit(f"error: {out} holds runs of an earlier demo, named without their compressor "
                      f"({saved['compressor']}); use another --out, or delete it")
-        changed = [f"{CODE_SETTINGS.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {v})"
-                   for k, v in settings.items() if saved.get(k) != v]
+        changed = guard.changed_settings(saved, settings, CODE_SETTINGS)
         if changed:
             sys.exit(f"error: {out} holds runs made with {', '.join(changed)}; use another --out, or delete it")
     with open(path, "w") as f:
@@ -697,7 +695,7 @@ def main():
             signal.signal(signum, end_with_the_demo)
     out = os.path.abspath(args.out)
     grid, skipped = grid_points(args)
-    runs.lock_directory(out)  # one demo at a time in one --out
+    guard.lock_directory(out)  # one demo at a time in one --out
     check_settings(out, args)
     log = os.path.join(out, "demo.log")
     data = os.path.join(out, "data")
