@@ -52,7 +52,9 @@ def sharp_model(compressor, tokens=4, llm="toy-xs"):
     which no comparison could catch). -> (model in eval mode, tokenizer, image processor)"""
     import torch
     import vlm
+    import toy
     model, tokenizer, image_processor = vlm.build(llm, "toy", tokens, compressor)
+    model.vision.load_state_dict(toy.build_vision().state_dict())  # a random tower's varied features
     generator = torch.Generator().manual_seed(1)  # a draw whose answers vary with the image
     with torch.no_grad():
         for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):

@@ -474,7 +474,7 @@ def test_read_answers_errors_name_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("bench, name, types", [
-    ("toy_reasoning", "eval/toy_reasoning/questions.jsonl", {"colour", "shape", "count", "position", "exists"}),
+    ("toy_reasoning", "eval/toy_reasoning/questions.jsonl", {"lookup", "count", "compare", "relation", "exists", "negation", "combination"}),
     ("toy_ocr", "eval/toy_ocr/questions.jsonl", {"ocr"}),
 ])
 def test_toy_world_eval_files_load_prompt_and_score(toy_data, bench, name, types):

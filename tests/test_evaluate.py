@@ -147,7 +147,7 @@ def test_a_missing_or_undecodable_image_is_named_in_one_line(checkpoint, toy_dat
     assert f"question {broken['question_id']}" in result.stderr
     # a file that exists and passes the existence check but does not decode: a data-loader worker finds it
     (root / "toy_ocr" / "questions.jsonl").write_text(original)
-    question = json.loads(questions[3])
+    question = json.loads(questions[0])
     image = root / "toy_ocr" / "images" / question["image"]
     image.write_bytes(image.read_bytes()[:100])
     result = run_script(*args, check=False)

@@ -363,7 +363,7 @@ def test_answers_of_another_model_or_setting_are_refused_or_overwritten(toy_data
     refused(run_script(*evaluate_args(checkpoint, toy_data, tmp_path, "--max-new-tokens", "3"), check=False),
             "max_new_tokens 2, this run 3")
     run_script(*evaluate_args(other, toy_data, tmp_path, "--overwrite"))
-    identity = evaluate.answer_identity(argparse.Namespace(model=str(other), max_new_tokens=2, batch_size=8), world=1)
+    identity = evaluate.answer_identity(argparse.Namespace(model=str(other), max_new_tokens=2, batch_size=8, feature_cache=None), world=1)
     identity["questions"] = runs.questions_fingerprint(
         "toy_ocr", benchmarks.load_questions(toy_data / "eval" / "toy_ocr" / "questions.jsonl"))
     rows = [json.loads(line) for line in open(tmp_path / "toy_ocr" / "answers.jsonl")]

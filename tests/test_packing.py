@@ -181,12 +181,12 @@ def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypat
         calls.append((query.shape[0], query.shape[2], mask is not None))  # rows, length, masked
         return sdpa(module, query, key, value, mask, **kwargs)
     monkeypatch.setattr(modeling_vlm, "sdpa_attention_forward", recorded)
-    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 130, 92 and 88 tokens: two rows
+    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 130, 92 and 88 tokens: two rows, 130 alone
     packed = conversation.collate_packed(three, tokenizer.pad_token_id, ROW, 1)[0]
     padded = conversation.collate(three, tokenizer.pad_token_id)
     spans = [n for row in packed["position_ids"]
              for n in torch.cat([(row == 0).nonzero().flatten(), torch.tensor([len(row)])]).diff().tolist()]
-    assert sorted(spans) == sorted([130, 92, 88, 222 - 88])  # the three samples, the padding of the short row
+    assert sorted(spans) == sorted([130, 92, 88, 180 - 130])  # the three samples, the padding of the short row
     with torch.no_grad():
         for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 78, True)])):
             calls.clear()
