@@ -7,6 +7,7 @@ The checkpoints of toy-xxs, toy-xs, toy-s and the tower ship in toy/pretrained/;
 are pretrained on first use (the demo does it) into cache/pretrained/. The vocabulary of the
 world (toy/make_data.py) lives here because the tokenizer is trained on it.
 """
+import functools
 import hashlib
 import json
 import os
@@ -88,6 +89,7 @@ def build_tokenizer():
                                    pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
 
 
+@functools.cache  # every load and every settings check asks; the tokenizer is code, fixed per process
 def tokenizer_hash():
     """The tokenizer's vocabulary and merges: a pretrained toy LLM reads token ids, so a changed
     tokenizer makes its checkpoint stale."""
@@ -132,12 +134,14 @@ def pretrained_dir(name):
     settings (toy/pretrain.py), shipped or cached; None if there is none."""
     from toy import pretrain  # its settings name the world's generator, which imports this module
     wanted = pretrain.settings(canonical(name))
-    for root in (SHIPPED, CACHED):
-        path = os.path.join(root, canonical(name))
-        settings = os.path.join(path, SETTINGS_FILE)
-        if os.path.exists(settings) and json.load(open(settings)) == wanted:
-            return path
-    return None
+    return next((path for path in (os.path.join(root, canonical(name)) for root in (SHIPPED, CACHED))
+                 if made_with(path, wanted)), None)
+
+
+def made_with(folder, settings):
+    """Does folder hold a pretrained model made with these settings (toy/pretrain.py writes them last)?"""
+    path = os.path.join(folder, SETTINGS_FILE)
+    return os.path.exists(path) and json.load(open(path)) == settings
 
 
 def _pretrained(name):

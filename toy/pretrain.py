@@ -167,8 +167,7 @@ def pretrain(name, root, **overrides):
     """Make root/NAME unless it is there with these settings. -> its folder."""
     wanted = settings(name, **overrides)
     folder = os.path.join(root, name)
-    path = os.path.join(folder, toy.SETTINGS_FILE)
-    if os.path.exists(path) and json.load(open(path)) == wanted:
+    if toy.made_with(folder, wanted):
         print(f"{folder}: up to date")
         return folder
     started = time.time()
@@ -182,7 +181,7 @@ def pretrain(name, root, **overrides):
     log.update(seconds=round(time.time() - started, 1), threads=torch.get_num_threads())
     with open(os.path.join(folder, "pretrain_log.json"), "w") as f:
         json.dump(log, f, indent=2)
-    with open(path, "w") as f:  # last: a folder with settings is complete
+    with open(os.path.join(folder, toy.SETTINGS_FILE), "w") as f:  # last: a folder with settings is complete
         json.dump(wanted, f, indent=2)
     print(f"{folder}: {json.dumps(log)}")
     return folder
