@@ -52,10 +52,12 @@ def sharp_model(compressor, tokens=4, llm="toy-xs"):
     which no comparison could catch). -> (model in eval mode, tokenizer, image processor)"""
     import torch
     import vlm
-    import toy
-    model, tokenizer, image_processor = vlm.build(llm, "toy", tokens, compressor)
-    model.vision.load_state_dict(toy.build_vision().state_dict())  # a random tower's varied features
-    generator = torch.Generator().manual_seed(1)  # a draw whose answers vary with the image
+    with torch.random.fork_rng():
+        torch.manual_seed(1)  # the parts not redrawn below (biases) are drawn alike in every process
+        model, tokenizer, image_processor = vlm.build(llm, "toy", tokens, compressor)
+        # from a random init, not the pretrained toy LLM: its answers barely depend on a new projector
+        model.llm.load_state_dict(type(model.llm)(model.llm.config).state_dict())
+    generator = torch.Generator().manual_seed(6)  # a draw whose answers vary with the image
     with torch.no_grad():
         for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
             if p.ndim == 2:

@@ -188,7 +188,7 @@ def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypat
              for n in torch.cat([(row == 0).nonzero().flatten(), torch.tensor([len(row)])]).diff().tolist()]
     assert sorted(spans) == sorted([130, 92, 88, 180 - 130])  # the three samples, the padding of the short row
     with torch.no_grad():
-        for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 78, True)])):
+        for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 130, True)])):
             calls.clear()
             model(**batch)
             assert all(rows == 3 for rows, _, _ in calls[:layers])  # QueCC's question pass, as sdpa
