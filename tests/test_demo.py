@@ -87,11 +87,15 @@ def test_demo_grid_writes_every_output_and_resumes(tmp_path):
     assert result.returncode != 0 and "pretrained toy models" in result.stderr and "an older toy-s" in result.stderr
 
 
-def runs_script(process, script):
+def script_process(demo_process, log, script):
+    """The process running `script`, once the demo's log says it started: the demo runs each script in a
+    fork of its fork server, so a grandchild. -> psutil.Process, or None"""
+    if not os.path.exists(log) or f"$ python {script}" not in open(log).read():
+        return None
     try:
-        return script in " ".join(process.cmdline())
+        return next((c for c in demo_process.children(recursive=True) if c.ppid() != demo_process.pid), None)
     except psutil.Error:  # ended meanwhile
-        return False
+        return None
 
 
 def test_a_killed_demo_ends_the_script_it_runs(toy_data, tmp_path):
@@ -102,10 +106,11 @@ def test_a_killed_demo_ends_the_script_it_runs(toy_data, tmp_path):
                                  "1", "--seeds", "1", "--stage1-steps", "1", "--stage2-steps", "100000"],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finetune, deadline = None, time.time() + 300
+    log = out / "runs" / "quecc-toy-xs-v1-s1" / "log.txt"
     try:
         while finetune is None and demo_process.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-            finetune = next((c for c in demo_process.children() if runs_script(c, "02_finetune.py")), None)
+            finetune = script_process(demo_process, log, "02_finetune.py")
         assert finetune is not None, (out / "demo.log").read_text()[-3000:]
         demo_process.send_signal(signal.SIGTERM)
         assert demo_process.wait(timeout=30) == -signal.SIGTERM

@@ -15,8 +15,8 @@ OCR questions (03_evaluate.py); then the
 law fitted per compressor and split (04_fit_scaling.py) on the cell means, its bootstrap redrawing
 the seeds of each cell. A V a compressor cannot make (pixel shuffle below V = 9) is skipped and named.
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
-seed-to-seed spread. Every step is a repo script run as a user would run it, and
-is skipped when its output exists, so a killed demo picks up where it stopped (and a kill ends
+seed-to-seed spread. Every step is a repo script run as a user would run it (in a process forked
+from one that imported the libraries once), and is skipped when its output exists, so a killed demo picks up where it stopped (and a kill ends
 the script it is running too). The frozen vision tower's features are computed once per image
 (--feature-cache) and reused by every run, epoch and evaluation.
 
@@ -33,14 +33,16 @@ import hashlib
 import json
 import os
 import shutil
+import multiprocessing
+import runpy
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from tqdm import tqdm
 
 import compressors
@@ -200,28 +202,51 @@ class StepFailed(Exception):
     pass
 
 
+# Each script runs in a fork of one process that imported the libraries once (multiprocessing's
+# forkserver, a clean single-threaded process): a script then starts in about a second instead of
+# the eight that importing torch and transformers takes, and the default grid runs 72 of them.
+SCRIPTS = multiprocessing.get_context("forkserver")
+SCRIPTS.set_forkserver_preload(["train", "evaluation", "scaling_law"])  # what the scripts import
+
 # The scripts running now. A demo that is killed ends them first (end_with_the_demo): killing a
 # process does not kill its children, and a stage 2 left training on would hold the CPUs and its
 # output directory's lock for the rest of its steps.
 children, children_lock = set(), threading.RLock()
 
 
+def run_script(args, log, threads):
+    """In the forked process: `python ARGS` run from the repository, its output appended to `log`."""
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), sys.stdout.fileno())
+        os.dup2(f.fileno(), sys.stderr.fileno())
+    sys.stdout.reconfigure(line_buffering=True)  # the log shows each line as it is printed
+    os.chdir(ROOT)
+    multiprocessing.set_start_method(None, force=True)  # its data loaders start processes as from a shell
+    if threads:
+        torch.set_num_threads(threads)  # what OMP_NUM_THREADS would set, read when torch was imported
+    if args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(args)
+        runpy.run_path(os.path.join(ROOT, args[0]), run_name="__main__")
+
+
 def run(log, *args, threads=None):
-    """A repo script in a subprocess, its output appended to `log`."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    """A repo script as `python ARGS` would run it, in a process of its own, its output appended to `log`."""
     with open(log, "a") as f:
         f.write(f"\n$ python {' '.join(args)}\n")
-        f.flush()
-        with children_lock:  # not started while a signal handler ends the others
-            child = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=f, env=env)
-            children.add(child)
-        try:
-            failed = child.wait()
-        finally:
-            with children_lock:
-                children.discard(child)
-        if failed:
-            raise StepFailed(f"{args[1] if args[0] == '-m' else args[0]} failed; its output is at the end of {log}")
+    with children_lock:  # not started while a signal handler ends the others
+        child = SCRIPTS.Process(target=run_script, args=(args, log, threads))
+        child.start()
+        children.add(child)
+    try:
+        child.join()
+    finally:
+        with children_lock:
+            children.discard(child)
+    if child.exitcode:
+        raise StepFailed(f"{args[1] if args[0] == '-m' else args[0]} failed; its output is at the end of {log}")
 
 
 def end_with_the_demo(signum, frame):
