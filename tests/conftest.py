@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -16,15 +17,37 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs the tests in sever
 
 
 def run_script(*args, check=True, timeout=600, env=None, cwd=ROOT):
-    """Run a repo script (or module with -m) in a subprocess, as a user would. Scripts are
-    found in the repo whatever cwd (a test's own data/ and runs/ layout)."""
+    """Run a repo script (or module with -m) in a process of its own, as a user would. Scripts are
+    found in the repo whatever cwd (a test's own data/ and runs/ layout). It is forked from a
+    process that imported the libraries once, as the demo runs its scripts (toy.demo.run_script),
+    unless the test gives it an environment of its own, or it is torchrun or `-c`: then a new interpreter."""
     if cwd != ROOT and args[0].endswith(".py"):
         args = (os.path.join(ROOT, args[0]), *args[1:])
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+    if env is None and (args[0].endswith(".py") or args[0] == "-m" and args[1] != "torch.distributed.run"):
+        result = forked(args, cwd, timeout)
+    else:
+        result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                                timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def forked(args, cwd, timeout):
+    """run_script in a fork of toy.demo's script server (about a second to start, not eight).
+    -> subprocess.CompletedProcess"""
+    from toy import demo
+    with tempfile.TemporaryDirectory() as streams:
+        stdout, stderr = os.path.join(streams, "stdout"), os.path.join(streams, "stderr")
+        child = demo.SCRIPTS.Process(target=demo.run_script, args=(args, stdout, stderr, str(cwd)),
+                                     kwargs=dict(environ=dict(os.environ)))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(args, timeout)
+        return subprocess.CompletedProcess(args, child.exitcode, open(stdout).read(), open(stderr).read())
 
 
 def checkpoint_dtypes(directory):

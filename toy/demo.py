@@ -214,13 +214,17 @@ SCRIPTS.set_forkserver_preload(["train", "evaluation", "scaling_law"])  # what t
 children, children_lock = set(), threading.RLock()
 
 
-def run_script(args, log, threads):
-    """In the forked process: `python ARGS` run from the repository, its output appended to `log`."""
-    with open(log, "a") as f:
-        os.dup2(f.fileno(), sys.stdout.fileno())
-        os.dup2(f.fileno(), sys.stderr.fileno())
+def run_script(args, stdout, stderr, cwd=ROOT, threads=None, environ=None):
+    """In a process forked from SCRIPTS' server: `python ARGS` run in `cwd`, its output appended to the
+    files `stdout` and `stderr` (one file may take both), in `environ` (default: the server's)."""
+    for path, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
+        with open(path, "a") as f:
+            os.dup2(f.fileno(), stream.fileno())
     sys.stdout.reconfigure(line_buffering=True)  # the log shows each line as it is printed
-    os.chdir(ROOT)
+    os.chdir(cwd)
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     multiprocessing.set_start_method(None, force=True)  # its data loaders start processes as from a shell
     if threads:
         torch.set_num_threads(threads)  # what OMP_NUM_THREADS would set, read when torch was imported
@@ -237,7 +241,7 @@ def run(log, *args, threads=None):
     with open(log, "a") as f:
         f.write(f"\n$ python {' '.join(args)}\n")
     with children_lock:  # not started while a signal handler ends the others
-        child = SCRIPTS.Process(target=run_script, args=(args, log, threads))
+        child = SCRIPTS.Process(target=run_script, args=(args, log, log), kwargs=dict(threads=threads))
         child.start()
         children.add(child)
     try:
