@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from toy import demo
+from toy import summary as toy_summary
 from conftest import ROOT, run_script
 
 
@@ -170,7 +171,7 @@ def test_learning_curves_name_the_step_each_type_passed_its_bar(tmp_path):
         with open(os.path.join(stage2, "log.jsonl"), "w") as f:
             for step, per_category in accuracies[point[3]].items():
                 f.write(json.dumps(dict(step=step, loss=1.0, eval=dict(toy_reasoning=dict(per_category=per_category)))) + "\n")
-    lines = demo.learning_curves(tmp_path, grid, dict(reasoning=dict(colour=0.2, shape=0.25)))
+    lines = toy_summary.learning_curves(tmp_path, demo.read_curves(tmp_path, grid), dict(reasoning=dict(colour=0.2, shape=0.25)), demo.CURVE_QUESTIONS)
     assert "| quecc-toy-s-v1 | 20 | - |" in lines and (tmp_path / "learning_curves.png").exists()
 
 
@@ -181,7 +182,7 @@ def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):
     fit = dict(alpha=0.03, beta=0.05, A=0.4, D=0.1, r2=0.2, on_edge={"beta": "upper"},
                grid=dict(A=0.41, alpha=0.0312, beta=0.05, D=0.0667, sse=0.01),
                box={"A": [0.2, 0.7, 50], "alpha": [0, 0.2, 100], "beta": [0, 0.05, 100], "D": [0, 0.3, 10]})
-    demo.write_summary(tmp_path, rows, {"quecc": {"reasoning": fit}}, BASELINES, demo.noisy_types(rows, BASELINES),
+    demo.write_summary(tmp_path, rows, {"quecc": {"reasoning": fit}}, BASELINES, toy_summary.noisy_types(rows, BASELINES),
                        ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
     assert "set by the box rather than the data: reasoning: beta = 0.05 on the upper edge of [0, 0.05]." in summary
@@ -200,7 +201,7 @@ def test_summary_states_an_ordering_only_above_twice_the_seed_spread(tmp_path):
     One seed cannot measure the spread, so nothing is stated either."""
     def verdict(spread, seeds=(1, 2)):
         rows = score_rows(lambda big, many: 0.3 + many * 0.4 + big * 0.1, lambda big, many: 0.1, spread, seeds)
-        return demo.findings(rows, {}, demo.noisy_types(rows, BASELINES), BASELINES).split("**ocr**")[0]
+        return toy_summary.findings(rows, {}, toy_summary.noisy_types(rows, BASELINES), BASELINES).split("**ocr**")[0]
 
     stated = verdict(0.14)
     assert "That is the opposite of the paper's ordering, by 30.0 points, more than twice the largest seed " \
@@ -219,32 +220,32 @@ def test_question_types_at_the_answer_prior_are_left_out_of_the_means_and_named(
     alone (not the question-weighted mean with exists), the summary names it, and a split with no
     type above twice its baseline (OCR at 5-8%, baseline 8.3%) is neither read nor fitted."""
     rows = score_rows(lambda big, many: 0.6 + many * 0.2, lambda big, many: 0.05 + many * 0.03, 0.02)
-    noisy = demo.noisy_types(rows, BASELINES)
+    noisy = toy_summary.noisy_types(rows, BASELINES)
     assert noisy == {"reasoning": ["exists"], "ocr": ["ocr"]}
     counts = {"reasoning": {"colour": 30, "exists": 10}, "ocr": {"ocr": 20}}
     for row in rows:  # 03_evaluate's score: every question weighs the same
         if row["benchmark"] == "toy_reasoning":
             row["score"] = (30 * row["per_category"]["colour"] + 10 * 50) / 4000
-    for row, kept in zip(rows, demo.score_kept_types([dict(r) for r in rows], noisy, counts)):
+    for row, kept in zip(rows, toy_summary.score_kept_types([dict(r) for r in rows], noisy, counts)):
         assert kept["score_all_types"] == row["score"]
         assert kept["score"] == pytest.approx(row["per_category"]["colour"] / 100 if row["benchmark"] == "toy_reasoning"
                                               else row["score"])
     demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
     assert "| exists* |" in summary and "Left out of the means" in summary and "exists (reasoning); the whole ocr split" in summary
-    assert f"**ocr**: every question type is {demo.NOT_LEARNED} in every run" in summary
+    assert f"**ocr**: every question type is {toy_summary.NOT_LEARNED} in every run" in summary
 
 
 def test_a_yes_no_type_answered_from_the_image_is_kept(tmp_path):
     """Twice a yes/no question's baseline (50%) is out of reach, so the bar is halfway to 100%: exists
     at 80% in one run is read from the image and stays in the means; at 75% in every run it is not."""
     rows = score_rows(lambda big, many: 0.6 + many * 0.2, lambda big, many: 0.05 + many * 0.03, 0.02)
-    assert demo.learned_bar(0.5) == 0.75 and demo.learned_bar(1 / 6) == pytest.approx(1 / 3)
+    assert toy_summary.learned_bar(0.5) == 0.75 and toy_summary.learned_bar(1 / 6) == pytest.approx(1 / 3)
     for row in rows:
         row["per_category"]["exists"] = 75.0
-    assert demo.noisy_types(rows, BASELINES)["reasoning"] == ["exists"]
+    assert toy_summary.noisy_types(rows, BASELINES)["reasoning"] == ["exists"]
     rows[0]["per_category"]["exists"] = 80.0
-    noisy = demo.noisy_types(rows, BASELINES)
+    noisy = toy_summary.noisy_types(rows, BASELINES)
     assert noisy["reasoning"] == []
     demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60, {})
     summary = (tmp_path / "summary.md").read_text()
@@ -370,7 +371,7 @@ def law_rows():
 
 def test_the_sweep_keeps_the_compressors_rows_and_fits_apart(tmp_path):
     rows = law_rows()
-    noisy = demo.noisy_types(rows, BASELINES)
+    noisy = toy_summary.noisy_types(rows, BASELINES)
     assert noisy == {"reasoning": ["exists"], "ocr": ["ocr"]}
     demo.write_scores(tmp_path, rows)
     with open(tmp_path / "scores.csv") as f:
@@ -397,7 +398,7 @@ def test_the_sweep_keeps_the_compressors_rows_and_fits_apart(tmp_path):
     assert set(table) == {(c, s) for c in ("pool", "pixelshuffle", "mlp") for s in ("reasoning", "ocr")}
     assert table["pool", "reasoning"].startswith(f"| pool | reasoning | {fits['pool']['reasoning']['alpha']:.4f} [")
     assert table["pixelshuffle", "reasoning"].endswith(" | not made | "
-                                                       f"{demo.accuracy_at(rows, 'pixelshuffle', 'reasoning', 576)} |")
+                                                       f"{toy_summary.accuracy_at(rows, 'pixelshuffle', 'reasoning', 576)} |")
     assert "| mlp | ocr | not fitted: it makes one V of the grid (576) |" in table["mlp", "ocr"]
     for compressor in ("pool", "pixelshuffle", "mlp"):
         assert f"\n*{compressor}*: " in summary
