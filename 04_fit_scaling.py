@@ -330,6 +330,34 @@ def warn(warnings, *messages):
         warnings.append(message)
 
 
+def print_intervals(fit, boot, cells, resamples, seconds):
+    seeds = f" and of the seeds within each ({len(cells.seeds.N)} runs)" if cells.seeds is not None else ""
+    print(f"bootstrap: {resamples} resamples of the {len(cells.N)} cells{seeds} in {seconds:.2f} s; "
+          "95% intervals:")
+    for name in PARAMS + ("ratio",):
+        (lo, hi), label = interval(boot[name]), "alpha/beta" if name == "ratio" else name
+        print(f"  {label:<10} {fit[name]:.4g}  [{lo:.4g}, {hi:.4g}]")
+
+
+def print_optimal_tokens(table, with_intervals, G):
+    print(f"compute-optimal visual tokens (any budget where the optimal N stays within {N_RANGE[0]:g}B-{N_RANGE[1]:g}B; "
+          f"G = {G}):")
+    print(f"  {'Q':>4}  {'V* continuous':<24}  best V in {{{', '.join(map(str, VALID_TOKENS))}}}")
+    for row in table:
+        ci = " [{:.3g}, {:.3g}]".format(*row["v_star_ci"]) if with_intervals else ""
+        valid_ci = " [{}, {}]".format(*row["best_valid_v_ci"]) if with_intervals else ""
+        print(f"  {row['text_tokens']:>4}  {row['v_star']:<6.3g}{ci:<18}  {row['best_valid_v']}{valid_ci}")
+
+
+def print_holdout(holdout):
+    print(f"holdout: fitted without N = {holdout['held_out_params_b']:g}B ({describe(holdout['fit'])})")
+    for c in holdout["cells"]:
+        print(f"  V = {c['tokens']:>4g}: observed error {c['observed_error']:.4f}, predicted "
+              f"{c['predicted_error']:.4f}, relative error {100 * c['relative_error']:.2f}%")
+    print(f"  mean relative error {100 * holdout['mean_relative_error']:.2f}%, "
+          f"max {100 * holdout['max_relative_error']:.2f}%")
+
+
 def run(args):
     # load
     warnings, out_dir = [], Path(args.output_dir)
@@ -361,23 +389,12 @@ def run(args):
     if args.bootstrap:
         start = time.perf_counter()
         boot = bootstrap(cells, box, args.bootstrap, args.seed)
-        seeds = f" and of the seeds within each ({len(cells.seeds.N)} runs)" if cells.seeds is not None else ""
-        print(f"bootstrap: {args.bootstrap} resamples of the {len(cells.N)} cells{seeds} in {time.perf_counter() - start:.2f} s; "
-              "95% intervals:")
-        for name in PARAMS + ("ratio",):
-            (lo, hi), label = interval(boot[name]), "alpha/beta" if name == "ratio" else name
-            print(f"  {label:<10} {fit[name]:.4g}  [{lo:.4g}, {hi:.4g}]")
+        print_intervals(fit, boot, cells, args.bootstrap, time.perf_counter() - start)
 
     # compute-optimal analysis
     G = args.generated_tokens
     table = optimal_tokens_table(fit, boot, G)
-    print(f"compute-optimal visual tokens (any budget where the optimal N stays within {N_RANGE[0]:g}B-{N_RANGE[1]:g}B; "
-          f"G = {G}):")
-    print(f"  {'Q':>4}  {'V* continuous':<24}  best V in {{{', '.join(map(str, VALID_TOKENS))}}}")
-    for row in table:
-        ci = " [{:.3g}, {:.3g}]".format(*row["v_star_ci"]) if boot is not None else ""
-        valid_ci = " [{}, {}]".format(*row["best_valid_v_ci"]) if boot is not None else ""
-        print(f"  {row['text_tokens']:>4}  {row['v_star']:<6.3g}{ci:<18}  {row['best_valid_v']}{valid_ci}")
+    print_optimal_tokens(table, boot is not None, G)
     budget = None
     if args.budget is not None:
         budget = budget_query(fit, args.budget, args.text_tokens, G)
@@ -394,12 +411,7 @@ def run(args):
     holdout = None
     if args.holdout_largest:
         holdout = holdout_largest(cells, box)
-        print(f"holdout: fitted without N = {holdout['held_out_params_b']:g}B ({describe(holdout['fit'])})")
-        for c in holdout["cells"]:
-            print(f"  V = {c['tokens']:>4g}: observed error {c['observed_error']:.4f}, predicted "
-                  f"{c['predicted_error']:.4f}, relative error {100 * c['relative_error']:.2f}%")
-        print(f"  mean relative error {100 * holdout['mean_relative_error']:.2f}%, "
-              f"max {100 * holdout['max_relative_error']:.2f}%")
+        print_holdout(holdout)
         warn(warnings, *edge_warnings(holdout["fit"], box, "holdout fit"))
 
     # plots
