@@ -160,8 +160,14 @@ BASELINES = {"reasoning": {"colour": 1 / 6, "exists": 0.5}, "ocr": {"ocr": 1 / 1
 
 
 def test_learning_curves_name_the_step_each_type_passed_its_bar(tmp_path):
-    """colour (baseline 20%, bar 40%) passes on the seeds' mean at step 20 (30%, then 45%; one seed alone
-    passed at 10); shape (baseline 25%, bar 50%) never does."""
+    """On the 10 questions the curves score: colour (baseline 20%, bar 40%) passes on the seeds' mean at
+    step 20 (30%, then 45%; one seed alone passed at 10); shape (baseline 25%, bar 50%) never does. The
+    file's other questions, all "red", do not set the bar (over the whole file colour's would be 94%)."""
+    scored = [("colour", c) for c in ("red", "blue", "green", "yellow", "purple", "orange")] + \
+             [("shape", s) for s in ("circle", "square", "triangle", "cross")]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(dict(category=category, answers=[answer])) + "\n"
+                                 for category, answer in scored + [("colour", "red")] * 90))
     accuracies = {1: {10: dict(colour=10, shape=30), 20: dict(colour=50, shape=30)},
                   2: {10: dict(colour=50, shape=20), 20: dict(colour=40, shape=40)}}
     grid = [("quecc", "toy-s", 1, seed) for seed in (1, 2)]
@@ -171,8 +177,9 @@ def test_learning_curves_name_the_step_each_type_passed_its_bar(tmp_path):
         with open(os.path.join(stage2, "log.jsonl"), "w") as f:
             for step, per_category in accuracies[point[3]].items():
                 f.write(json.dumps(dict(step=step, loss=1.0, eval=dict(toy_reasoning=dict(per_category=per_category)))) + "\n")
-    lines = toy_summary.learning_curves(tmp_path, demo.read_curves(tmp_path, grid), dict(reasoning=dict(colour=0.2, shape=0.25)), demo.CURVE_QUESTIONS)
+    lines = toy_summary.learning_curves(tmp_path, demo.read_curves(tmp_path, grid), questions, 10)
     assert "| quecc-toy-s-v1 | 20 | - |" in lines and (tmp_path / "learning_curves.png").exists()
+    assert any("on the first 10 held-out reasoning questions" in line for line in lines)
 
 
 def test_summary_flags_a_flat_split_and_fitted_values_on_the_box_edge(tmp_path):

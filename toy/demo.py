@@ -497,7 +497,7 @@ def main():
     timings["total"] = round(seconds, 1)
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
-    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, summary.learning_curves(out, read_curves(out, grid), baselines, CURVE_QUESTIONS),
+    write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, summary.learning_curves(out, read_curves(out, grid), questions["reasoning"], CURVE_QUESTIONS),
                   ceilings)
     print(open(os.path.join(out, "summary.md")).read())
     print(f"outputs in {out}")

@@ -15,10 +15,11 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def majority_baseline(questions_file):
-    """{category: accuracy of always giving that category's most common answer}."""
+def majority_baseline(questions_file, limit=None):
+    """{category: accuracy of always giving that category's most common answer}, over the file's first
+    `limit` questions (None: all)."""
     answers = defaultdict(list)
-    for line in open(questions_file):
+    for line in open(questions_file).readlines()[:limit]:
         question = json.loads(line)
         answers[question.get("category", "all")].append(question["answers"][0])
     return {c: Counter(a).most_common(1)[0][1] / len(a) for c, a in answers.items()}
@@ -132,22 +133,23 @@ def accuracy_table(rows, baselines, noisy):
     return lines
 
 
-def learning_curves(out, curves, baselines, questions):
+def learning_curves(out, curves, questions_file, questions):
     """learning_curves.png, a panel per cell (LLM size and V): each reasoning question type's accuracy
     over stage 2's steps. curves: {cell: {(type, step): the seeds' accuracies}}, scored on the first
-    `questions` held-out reasoning questions. -> the summary's lines: the plot, and per cell the step at
-    which each type first passed its learned bar."""
+    `questions` of questions_file. -> the summary's lines: the plot, and per cell the step at which each
+    type first passed its learned bar, set by its majority-answer baseline on those same questions."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if not curves:  # runs trained before the demo scored them as they trained
         return []
-    categories = sorted(baselines["reasoning"])
+    baselines = majority_baseline(questions_file, questions)
+    categories = sorted(baselines)
     fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), layout="constrained", squeeze=False)
     lines = ["## When each question type was learned", "",
              f"Stage 2's first step at which a type's accuracy (the mean over the seeds, on the first {questions} "
-             "held-out reasoning questions) passed its learned bar (twice the majority-answer baseline, or halfway "
-             "to 100%); - where it never did.", "", "![accuracy per question type over stage 2's steps]"
+             "held-out reasoning questions) passed its learned bar (twice its majority-answer baseline on those "
+             "questions, or halfway to 100%); - where it never did.", "", "![accuracy per question type over stage 2's steps]"
              "(learning_curves.png)", "", "| run | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
     for ax, (cell, accuracies) in zip(axes[0], curves.items()):
         learned = []
@@ -156,7 +158,7 @@ def learning_curves(out, curves, baselines, questions):
             means = [mean(accuracies[category, step]) for step in steps]
             ax.plot(steps, means, marker=".", label=category)
             learned.append(next((str(step) for step, m in zip(steps, means)
-                                 if m > 100 * learned_bar(baselines["reasoning"][category])), "-"))
+                                 if m > 100 * learned_bar(baselines[category])), "-"))
         ax.set(title=cell, xlabel="stage-2 step", ylim=(0, 100))
         lines.append(f"| {cell} | " + " | ".join(learned) + " |")
     axes[0][0].set_ylabel("accuracy (%)")
