@@ -16,8 +16,8 @@ law fitted per compressor and split (04_fit_scaling.py) on the cell means, its b
 the seeds of each cell. A V a compressor cannot make (pixel shuffle below V = 9) is skipped and named.
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
 seed-to-seed spread. Every step is a repo script run as a user would run it (in a process forked
-from one that imported the libraries once), and is skipped when its output exists, so a killed demo picks up where it stopped (and a kill ends
-the script it is running too). The frozen vision tower's features are computed once per image
+from one that imported the libraries once), and is skipped when its output exists, so a killed
+demo picks up where it stopped (and a kill ends the script it is running too). The frozen vision tower's features are computed once per image
 (--feature-cache) and reused by every run, epoch and evaluation.
 
 Outputs in --out: text_ceiling.json, scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
