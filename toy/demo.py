@@ -52,8 +52,8 @@ import vlm
 from toy import pretrain, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
-# Two seeds of 12 cells, 24 runs: 20x in LLM size (the shipped pretrained sizes) and 64x in V, what fits
-# 20 minutes on 2 cores (docs/toy_world.md has the time).
+# Two seeds of 12 cells, 24 runs: the smallest grid that spans 20x in LLM size (the shipped pretrained
+# sizes) and 64x in V with a seed spread to read (docs/toy_world.md has its time).
 DEFAULT_GRID = ("toy-xxs,toy-xs,toy-s", "1,4,16,64")
 FULL_GRID = ("toy-xxs,toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes of the toy runs, and stage 2's learning rate at width 64 (stage2_lr scales it).
