@@ -694,6 +694,7 @@ def finish(model, tokenizer, args, rank, run, say):
     if rank == 0:  # ignore_errors: deleted mid-run by hand, training went on from its open mapping
         shutil.rmtree(os.path.join(args.output_dir, RECORDS_DIR), ignore_errors=True)
     say(f"saved {args.output_dir}")
+    distributed.barrier()  # no rank tears its process group down while another still writes or gathers
     distributed.end_distributed()
 
 
