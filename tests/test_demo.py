@@ -1,4 +1,5 @@
 """The demo that runs the scaling study on the toy world (the world itself: test_toy_world.py)."""
+import argparse
 import csv
 import json
 import os
@@ -120,6 +121,20 @@ def test_a_killed_demo_ends_the_script_it_runs(toy_data, tmp_path):
         for process in [finetune, demo_process]:
             if process is not None and process.is_running():
                 process.kill()
+
+
+@pytest.mark.parametrize("jobs, threads", [(1, None), (2, 1)])
+def test_runs_side_by_side_take_one_thread_each(tmp_path, monkeypatch, jobs, threads):
+    """--jobs 2 trains two runs at once, so each script gets one thread; --jobs 1 leaves torch's own
+    count. The first stage 1, which runs alone, keeps torch's count either way."""
+    started = []
+    monkeypatch.setattr(demo, "run", lambda log, *args, threads=None: started.append((args[0], threads)))
+    args = argparse.Namespace(jobs=jobs, vision="toy", stage1_steps=1, stage2_steps=5)
+    bar = type("Bar", (), dict(update=lambda self: None))()
+    demo.train_and_evaluate(args, "quecc", "toy-xs", 4, 1, str(tmp_path), bar, stage1_only=True)
+    demo.train_and_evaluate(args, "quecc", "toy-xs", 4, 1, str(tmp_path), bar)
+    assert started == [("01_pretrain_projector.py", None), ("01_pretrain_projector.py", threads),
+                       ("02_finetune.py", threads), ("03_evaluate.py", threads)]
 
 
 def test_the_loss_windows_of_a_short_run_do_not_overlap(tmp_path):
