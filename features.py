@@ -9,8 +9,8 @@ layers, each stored once) for one image in one file:
     DIR/<encoder key>/<image key>.safetensors   (layers, grid^2, width) fp16, CLS dropped
 
 encoder key: a hash of the tower's weights, its config and the image processor's
-config, so a retrained or differently preprocessed encoder never reads stale
-features. image key: a hash of the image file's bytes, so the same picture under
+config (not the folder they came from), so a retrained or differently preprocessed
+encoder never reads stale features, and a moved or saved one keeps its cache. image key: a hash of the image file's bytes, so the same picture under
 two paths (a symlinked evaluation folder) is encoded once. Writes are atomic
 (temporary file + rename), so concurrent runs may share one cache.
 
@@ -39,11 +39,20 @@ def _hash_bytes(chunks):
     return digest.hexdigest()[:20]
 
 
+# Where a tower or processor was loaded from, and the class a model folder names to load it with,
+# do not change what it computes: left out of the key, so a moved or saved model keeps its cache.
+PROVENANCE = ("_name_or_path", "auto_map", "processor_class")
+
+
 def encoder_key(vision, image_processor):
     """Weights + config of the tower + preprocessing -> a short hex key."""
+    def described(settings):
+        fields = {k: v for k, v in settings.to_dict().items() if k not in PROVENANCE}
+        return json.dumps(fields, sort_keys=True, default=str).encode()
+
     def chunks():
-        yield json.dumps(vision.config.to_dict(), sort_keys=True, default=str).encode()
-        yield json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode()
+        yield described(vision.config)
+        yield described(image_processor)
         for name, tensor in sorted(vision.state_dict().items()):
             yield name.encode()
             yield tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()

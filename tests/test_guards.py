@@ -18,6 +18,7 @@ import conversation
 import features
 import llava_data
 import runs
+import toy
 import train
 import vlm
 from conftest import ROOT, run_script
@@ -154,6 +155,25 @@ def test_a_corrupt_feature_cache_file_is_named_and_computed_again(toy_data, tmp_
     assert cache.prepare(images) == (1, {})
     assert f"{corrupt} is corrupt" in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(cache.load(images[0]), good))
+
+
+def test_the_cache_key_follows_the_tower_not_where_it_was_loaded_from(tmp_path):
+    """A tower copied to another folder, and the tower of a saved model folder, read the features
+    their first run wrote; other weights or preprocessing get a key of their own."""
+    model, tokenizer, processor = vlm.build("toy-xs", "toy", 4, "quecc")
+    key = features.encoder_key(model.vision, processor)
+    model.vision.save_pretrained(tmp_path / "tower")
+    processor.save_pretrained(tmp_path / "tower")
+    moved = vlm.build("toy-xs", str(tmp_path / "tower"), 4, "quecc")
+    vlm.save(model, tokenizer, tmp_path / "model", save_llm=True, extra_config=dict(stage=2))
+    saved = vlm.load_pretrained(tmp_path / "model")
+    assert moved[0].vision.config._name_or_path != model.vision.config._name_or_path
+    assert features.encoder_key(moved[0].vision, moved[2]) == key == features.encoder_key(saved[0].vision, saved[2])
+    processor.crop_size = {"height": 48, "width": 48}
+    assert features.encoder_key(model.vision, processor) != key
+    with torch.no_grad():
+        next(model.vision.parameters()).add_(1)
+    assert features.encoder_key(model.vision, toy.build_image_processor()) != key
 
 
 def test_an_undecodable_image_is_reported_under_every_path_that_holds_it(toy_data, tmp_path):
