@@ -10,8 +10,9 @@ layers, each stored once) for one image in one file:
 
 encoder key: a hash of the tower's weights, its config and the image processor's
 config (not the folder they came from), so a retrained or differently preprocessed
-encoder never reads stale features, and a moved or saved one keeps its cache. image key: a hash of the image file's bytes, so the same picture under
-two paths (a symlinked evaluation folder) is encoded once. Writes are atomic
+encoder never reads stale features, and a moved or saved one keeps its cache.
+image key: a hash of the image file's bytes, so the same picture under two paths
+(a symlinked evaluation folder) is encoded once. Writes are atomic
 (temporary file + rename), so concurrent runs may share one cache.
 
     cache = FeatureCache(DIR, model, image_processor)   # model: a vlm.VLM

@@ -17,8 +17,9 @@ the seeds of each cell. A V a compressor cannot make (pixel shuffle below V = 9)
 The summary states an ordering (LLM size vs visual tokens) only where it stands above the
 seed-to-seed spread. Every step is a repo script run as a user would run it (in a process forked
 from one that imported the libraries once), and is skipped when its output exists, so a killed
-demo picks up where it stopped (and a kill ends the script it is running too). The frozen vision tower's features are computed once per image
-(--feature-cache) and reused by every run, epoch and evaluation.
+demo picks up where it stopped (and a kill ends the script it is running too). The frozen vision
+tower's features are computed once per image (--feature-cache) and reused by every run, epoch and
+evaluation.
 
 Outputs in --out: text_ceiling.json, scores.csv (compressor, params_b, tokens, seed, benchmark, score per run),
 fit_COMPRESSOR_reasoning.json and fit_COMPRESSOR_ocr.json with the plots in fit_COMPRESSOR_reasoning/
@@ -31,10 +32,10 @@ import argparse
 import csv
 import hashlib
 import json
-import os
-import shutil
 import multiprocessing
+import os
 import runpy
+import shutil
 import signal
 import sys
 import threading
@@ -346,7 +347,8 @@ def read_curves(out, grid):
     for compressor, size, tokens, seed in grid:
         stage2 = run_dirs(out, compressor, size, tokens, seed)[2]
         for entry in map(json.loads, open(os.path.join(stage2, "log.jsonl"))):
-            for category, accuracy in entry.get("eval", {}).get(summary.SPLITS["reasoning"], {}).get("per_category", {}).items():
+            scored = entry.get("eval", {}).get(summary.SPLITS["reasoning"], {})
+            for category, accuracy in scored.get("per_category", {}).items():
                 curves[f"{compressor}-{size}-v{tokens}"][category, entry["step"]].append(accuracy)
     return curves
 
