@@ -165,7 +165,7 @@ def score_rows(reasoning, ocr, spread, seeds=(1, 2), compressor="quecc"):
             for k, seed in enumerate(seeds):
                 for bench, score in (("toy_reasoning", reasoning(params > 1e-3, v > 1)), ("toy_ocr", ocr(params > 1e-3, v > 1))):
                     score += spread * (k - (len(seeds) - 1) / 2)
-                    rows.append(dict(run=f"{compressor}-{size}-v{v}", compressor=compressor, seed=seed, params_b=params,
+                    rows.append(dict(run=f"{compressor}-{size}-v{v}", compressor=compressor, size=size, seed=seed, params_b=params,
                                      tokens=v, benchmark=bench, score=score, per_category={"colour": 100 * score, "exists": 50.0, "ocr": 100 * score},
                                      loss_first=4.0, loss_last=1.0))
     return rows
@@ -256,6 +256,26 @@ def test_question_types_at_the_answer_prior_are_left_out_of_the_means_and_named(
     summary = (tmp_path / "summary.md").read_text()
     assert "| exists* |" in summary and "Left out of the means" in summary and "exists (reasoning); the whole ocr split" in summary
     assert f"**ocr**: every question type is {toy_summary.NOT_LEARNED} in every run" in summary
+
+
+def test_text_ceilings_are_compared_over_the_kept_types_too(tmp_path):
+    """exists is left out as noise, so beside each LLM's ceiling and best cell over every type the
+    summary sets both over colour alone: the ceiling's colour accuracy (not its 03-style mean with
+    exists, 72.5) against the best cell's colour score (toy-l at V = 576: 80.0, not 72.5)."""
+    rows = score_rows(lambda big, many: 0.5 + many * 0.2 + big * 0.1, lambda big, many: 0.05 + many * 0.03, 0.02)
+    counts = {"reasoning": {"colour": 30, "exists": 10}, "ocr": {"ocr": 20}}
+    for row in rows:
+        if row["benchmark"] == "toy_reasoning":
+            row["score"] = (30 * row["per_category"]["colour"] + 10 * 50) / 4000
+    noisy = toy_summary.noisy_types(rows, BASELINES)
+    rows = toy_summary.score_kept_types(rows, noisy, counts)
+    ceilings = {"toy-xs": dict(accuracy=55.0, per_category=dict(colour=56.0, exists=52.0)),
+                "toy-l": dict(accuracy=72.5, per_category=dict(colour=80.0, exists=50.0))}
+    demo.write_summary(tmp_path, rows, {}, BASELINES, noisy, ARGS, 60, {}, ceilings=ceilings, counts=counts)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| best VLM cell | ceiling, kept types | best VLM cell, kept types |" in summary
+    assert "| toy-l | 72.5 | 80.0 | 50.0 | 72.5 (quecc-toy-l-v576) | 80.0 | 80.0 (quecc-toy-l-v576) |" in summary
+    assert "| toy-xs | 55.0 | 56.0 | 52.0 | 65.0 (quecc-toy-xs-v576) | 56.0 | 70.0 (quecc-toy-xs-v576) |" in summary
 
 
 def test_a_yes_no_type_answered_from_the_image_is_kept(tmp_path):

@@ -353,10 +353,11 @@ def read_curves(out, grid):
     return curves
 
 
-def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=(), ceilings=None):
+def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, curves=(), ceilings=None, counts=None):
     """summary.md: the accuracy table, the text ceilings, the fits per compressor, when each question
     type was learned (curves: learning_curves' lines) and what they say about the paper's findings.
-    skipped: {compressor: the V of the grid it cannot make}; ceilings: text_ceilings' {size: ceiling}."""
+    skipped: {compressor: the V of the grid it cannot make}; ceilings: text_ceilings' {size: ceiling},
+    with counts: {split: questions per type} (question_counts), to score them over the kept types."""
     categories = sorted(baselines["reasoning"])
     seeds = sorted({r["seed"] for r in rows})
     several = len(args.compressors) > 1
@@ -374,7 +375,7 @@ def write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, cur
                  for compressor, tokens in skipped.items() if tokens), ""]
     lines += summary.accuracy_table(rows, baselines, noisy)
     if ceilings:
-        lines += summary.ceiling_section(rows, ceilings, categories)
+        lines += summary.ceiling_section(rows, ceilings, categories, noisy, counts)
     if several:
         summary.plot_accuracy(out, rows, args)
         lines += ["![mean accuracy against V, per compressor and LLM size](accuracy_vs_tokens.png)", ""]
@@ -500,7 +501,7 @@ def main():
     with open(os.path.join(out, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
     write_summary(out, rows, fits, baselines, noisy, args, seconds, skipped, summary.learning_curves(out, read_curves(out, grid), questions["reasoning"], CURVE_QUESTIONS),
-                  ceilings)
+                  ceilings, counts)
     print(open(os.path.join(out, "summary.md")).read())
     print(f"outputs in {out}")
 

@@ -62,6 +62,16 @@ def noisy_types(rows, baselines):
             for split, bench in SPLITS.items()}
 
 
+def kept_types(split, noisy, counts):
+    """The question types of a split that count in the means: those not left out as noise."""
+    return [c for c in counts[split] if c not in noisy[split]]
+
+
+def kept_score(per_category, kept, counts):
+    """The accuracy (0-1) over the kept types, every question weighing the same."""
+    return sum(per_category.get(c, 0) * counts[c] for c in kept) / (100 * sum(counts[c] for c in kept))
+
+
 def score_kept_types(rows, noisy, counts):
     """Each row's score over its split's kept question types, every question weighing the same (so
     03_evaluate.py's score when none is left out); 03's score is kept as score_all_types. A split
@@ -69,11 +79,10 @@ def score_kept_types(rows, noisy, counts):
     split_of = {bench: split for split, bench in SPLITS.items()}
     for r in rows:
         split = split_of[r["benchmark"]]
-        kept = [c for c in counts[split] if c not in noisy[split]]
+        kept = kept_types(split, noisy, counts)
         r["score_all_types"] = r["score"]
         if kept and noisy[split]:
-            r["score"] = (sum(r["per_category"].get(c, 0) * counts[split][c] for c in kept)
-                          / (100 * sum(counts[split][c] for c in kept)))
+            r["score"] = kept_score(r["per_category"], kept, counts[split])
     return rows
 
 
@@ -168,22 +177,35 @@ def learning_curves(out, curves, questions_file, questions):
     return lines + [""]
 
 
-def ceiling_section(rows, ceilings, categories):
-    """Each LLM's text ceiling (text_ceilings) beside its best VLM cell, both over every question type."""
+def ceiling_section(rows, ceilings, categories, noisy, counts):
+    """Each LLM's text ceiling (text_ceilings) beside its best VLM cell, both over every question type
+    and, when some types are left out as noise, both over the kept types the reasoning means use."""
+    kept = kept_types("reasoning", noisy, counts)
+    partial = bool(kept and noisy["reasoning"])
     lines = ["## Text ceiling: each LLM with the scene in words", "",
              "The pretrained LLM alone on the same held-out reasoning questions, the image's place taken by the "
              "scene's caption: how much each size reasons when nothing is lost in the image. Beside it the best "
-             "cell of that LLM (the mean over the seeds), over every question type as the ceiling is.", "",
-             "| LLM | ceiling | " + " | ".join(categories) + " | best VLM cell |", "|---|---|" + "---|" * len(categories) + "---|"]
-    for size, ceiling in ceilings.items():
+             "cell of that LLM (the mean over the seeds), over every question type as the ceiling is" +
+             (f"; then both over the types the reasoning means keep ({', '.join(kept)})." if partial else "."), "",
+             "| LLM | ceiling | " + " | ".join(categories) + " | best VLM cell |" +
+             (" ceiling, kept types | best VLM cell, kept types |" if partial else ""),
+             "|---|---|" + "---|" * len(categories) + "---|" + "---|---|" * partial]
+
+    def best_cell(size, key):
         cells = defaultdict(list)
         for r in rows:
             if r["size"] == size and r["benchmark"] == SPLITS["reasoning"]:
-                cells[r["run"]].append(r["score_all_types"])
+                cells[r["run"]].append(r[key])
         best = max(cells, key=lambda cell: mean(cells[cell]), default=None)
-        lines.append(f"| {size} | {ceiling['accuracy']:.1f} | " +
-                     " | ".join(f"{ceiling['per_category'].get(c, float('nan')):.1f}" for c in categories) +
-                     (f" | {100 * mean(cells[best]):.1f} ({best}) |" if best else " | |"))
+        return f" {100 * mean(cells[best]):.1f} ({best}) |" if best else " |"
+
+    for size, ceiling in ceilings.items():
+        line = (f"| {size} | {ceiling['accuracy']:.1f} | " +
+                " | ".join(f"{ceiling['per_category'].get(c, float('nan')):.1f}" for c in categories) +
+                " |" + best_cell(size, "score_all_types"))
+        if partial:
+            line += f" {100 * kept_score(ceiling['per_category'], kept, counts['reasoning']):.1f} |" + best_cell(size, "score")
+        lines.append(line)
     return lines + [""]
 
 
