@@ -192,10 +192,7 @@ def ceiling_section(rows, ceilings, categories, noisy, counts):
              "|---|---|" + "---|" * len(categories) + "---|" + "---|---|" * partial]
 
     def best_cell(size, key):
-        cells = defaultdict(list)
-        for r in rows:
-            if r["size"] == size and r["benchmark"] == SPLITS["reasoning"]:
-                cells[r["run"]].append(r[key])
+        cells = by_cell([r for r in rows if r["size"] == size], "reasoning", key)
         best = max(cells, key=lambda cell: mean(cells[cell]), default=None)
         return f" {100 * mean(cells[best]):.1f} ({best}) |" if best else " |"
 
