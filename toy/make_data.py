@@ -76,10 +76,14 @@ def render(scene):
     return image
 
 
+def article(colour):
+    return "an" if colour == "orange" else "a"
+
+
 def caption(scene):
     """The scene in words: what stage 1 learns to say from the image, and what the text ceiling
     and the LLMs' pretraining read in its place."""
-    parts = [f"{'an' if c == 'orange' else 'a'} {c} {s} at the {POSITIONS[cell]}" for c, s, cell in scene["objects"]]
+    parts = [f"{article(c)} {c} {s} at the {POSITIONS[cell]}" for c, s, cell in scene["objects"]]
     if scene["word"]:
         parts.append(f'the word "{scene["word"][0]}" at the {POSITIONS[scene["word"][1]]}')
     return ", ".join(parts) + "."
@@ -133,7 +137,7 @@ def questions(rng, scene):
     present = rng.random() < 0.5
     colour, shape = (rng.choice([(c, s) for c, s, _ in objects]) if present else
                      rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in zip(colours, shapes)]))
-    out.append(("exists", f"Is there a {colour} {shape}?", "yes" if present else "no"))
+    out.append(("exists", f"Is there {article(colour)} {colour} {shape}?", "yes" if present else "no"))
     colour = rng.choice(colours)
     out.append(("negation", f"How many shapes are not {colour}?", NUMBERS[len(objects) - colours.count(colour)]))
     shape, colour = rng.choice(shapes), rng.choice(colours)
