@@ -6,10 +6,11 @@
 LLMs: each size from its random init (toy.build_llm) on the same text corpus for the same number of
 conversations (LLM_RECIPE, same tokens for every size): scenes of the toy world described in words
 (make_data.caption), each followed by one of its questions, or by a request to describe it (so
-the LLM already speaks the captions stage 1 trains on). Loss on the answers only, AdamW,
-linear warm-up then cosine decay; the text ceiling on fresh scenes is logged as it goes. The vision tower: the toy CLIP from its random init, trained to
-name, per cell of the 3x3 grid, the colour and shape of the object there (or none) and the word
-written there (or none), read from its cell's mean patch feature of the layer the projector reads.
+the LLM already speaks the captions stage 1 trains on). Loss on the answers only, AdamW, linear
+warm-up then cosine decay; the text ceiling on fresh scenes is logged as it goes. The vision
+tower: the toy CLIP from its random init, trained to name, per cell of the 3x3 grid, the colour
+and shape of the object there (or none) and the word written there (or none), read from its
+cell's mean patch feature of the layer the projector reads.
 Every folder records its settings (SETTINGS_FILE); a folder whose settings differ from today's is
 stale and is made again. --models picks which, --conversations / --images shorten the recipe (tests).
 """
