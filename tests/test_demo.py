@@ -332,6 +332,13 @@ def test_print_real_lists_the_papers_grid():
                    for line in evaluate) == 7
 
 
+def test_stage_one_sees_llavas_proportion_of_captions_to_conversations():
+    # LLaVA-1.5 trains stage 1 on 558,128 captions and stage 2 on 665,298 conversations
+    captions = demo.STAGE1_STEPS * demo.STAGE1_BATCH
+    conversations = demo.STAGE2_STEPS * demo.STAGE2_BATCH
+    assert captions / conversations == pytest.approx(558128 / 665298, abs=0.01)
+
+
 def test_full_conflicts_with_an_explicit_grid():
     result = run_script("-m", "toy.demo", "--full", "--sizes", "toy-s", check=False)
     assert result.returncode == 2 and "--full sets --sizes and --tokens" in result.stderr

@@ -72,7 +72,8 @@ def asked(text):
 
 def test_every_answer_of_the_data_matches_its_scene(toy_data):
     """Training conversations and held-out questions alike, against scenes.json; no turn's question
-    gives another turn's answer away (the LLM would copy it instead of reading the image)."""
+    gives another turn's answer away (the LLM would copy it instead of reading the image), and the
+    caption that closes each training conversation comes after every question."""
     scenes = json.load(open(toy_data / "scenes.json"))
     kinds = set()
     for record in json.load(open(toy_data / "finetune.json")):
@@ -80,6 +81,9 @@ def test_every_answer_of_the_data_matches_its_scene(toy_data):
             continue
         turns = record["conversations"]
         pairs = [(asked(turns[k]["value"]), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
+        (request, described), pairs = pairs[-1], pairs[:-1]
+        assert request in make_data.DESCRIBE and pairs, (record["id"], request)
+        assert json.loads(json.dumps(scene_from_words(described))) == scenes[record["image"]], record["id"]
         for question, answer in pairs:
             assert answer == truth(scenes[record["image"]], question), (record["id"], question)
             assert not any(f" {answer} " in f" {other.rstrip('?')} " for other, _ in pairs), (record["id"], pairs)

@@ -59,7 +59,9 @@ DEFAULT_GRID = ("toy-xxs,toy-xs,toy-s", "1,4,16,64")
 FULL_GRID = ("toy-xxs,toy-xs,toy-s,toy-m,toy-l", "1,4,16,36,64,144,576")
 # Batch sizes of the toy runs, and stage 2's learning rate at width 64 (stage2_lr scales it).
 STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 3e-4
-STAGE1_STEPS, STAGE2_STEPS = 100, 120
+# Steps: stage 1 sees 0.83 captions per stage-2 conversation (1,600 : 1,920), LLaVA-1.5's proportion
+# (558K captions : 665K conversations); the 20-minute demo sets the total (docs/toy_world.md).
+STAGE1_STEPS, STAGE2_STEPS = 50, 120
 # Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
 CURVE_POINTS, CURVE_QUESTIONS = 5, 70
 
@@ -469,7 +471,8 @@ def main():
     bar = tqdm(total=1 + 3 * len(grid) + 1, desc="demo")
     if not os.path.exists(os.path.join(data, "finetune.json")):
         # every training image asks as many of its question types as can share one conversation
-        # without giving an answer away (about four): several answers for one encoding and one sequence
+        # without giving an answer away (about four), then for its caption: several answers for one
+        # encoding and one sequence
         run(log, "-m", "toy.make_data", "--out", data, "--num-train", str(args.num_train),
             "--num-eval", str(args.num_eval), "--questions-per-image", "6")
     bar.update()

@@ -7,7 +7,8 @@ Writes, deterministically from --seed, in LLaVA's formats:
   OUT/images/*.png
   OUT/scenes.json          every image's objects (colour, shape, cell) and word: the ground truth
   OUT/pretrain.json        stage 1: image + caption (the human turn asks for a description)
-  OUT/finetune.json        stage 2: multi-turn questions and answers, plus text-only samples
+  OUT/finetune.json        stage 2: multi-turn questions and answers closed by the caption, plus
+                           text-only samples
   OUT/eval/toy_reasoning/questions.jsonl  held-out images: one question of each reasoning type
   OUT/eval/toy_ocr/questions.jsonl        held-out images: "what word is written?"
   OUT/eval/toy_reasoning/scenes.jsonl     the same questions with the scene in words (`scene`),
@@ -190,7 +191,7 @@ def main():
     parser.add_argument("--num-eval", type=int, default=300, help="held-out images")
     parser.add_argument("--word-fraction", type=float, default=0.5, help="images with a word in them")
     parser.add_argument("--questions-per-image", type=int, default=0,
-                        help="questions (turns) per training image, at most; 0: 1 to 3 at random")
+                        help="questions per training image, at most, before its caption; 0: 1 to 3 at random")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -217,6 +218,11 @@ def main():
         turns = []
         for kind, question, answer in conversation_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
+        # Last, the whole scene in words: most of LLaVA-665K's answer tokens are long answers
+        # (LLaVA-Instruct, ShareGPT), and one-word answers alone teach a VLM little of reading the
+        # image. Last, so that no question can copy its answer from it. (The prompts in turn: the
+        # random draws, and so the scenes and held-out questions, stay as they were without it.)
+        turns += [{"from": "human", "value": DESCRIBE[i % len(DESCRIBE)]}, {"from": "gpt", "value": caption(scene)}]
         turns[0]["value"] = with_image_tag(rng, turns[0]["value"])
         finetune.append({"id": f"qa-{i}", "image": image, "conversations": turns})
         if i % 20 == 0:
