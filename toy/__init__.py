@@ -113,8 +113,10 @@ def build_llm(name, vocab_size):
 
 
 def vision_config():
-    return CLIPVisionConfig(image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, hidden_size=64,
-                            intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
+    # width 32: QueCC's key and value MLPs read all 576 patches of four of its layers, whatever V
+    # is, so the tower's width sets most of a small toy VLM's step (docs/toy_world.md)
+    return CLIPVisionConfig(image_size=VISION_IMAGE_SIZE, patch_size=VISION_PATCH, hidden_size=32,
+                            intermediate_size=64, num_hidden_layers=6, num_attention_heads=2)
 
 
 def build_vision():
