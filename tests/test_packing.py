@@ -21,7 +21,7 @@ from conftest import ROOT
 from constants import IGNORE, IMAGE_SLOT
 from test_label_loss import build, loss_and_gradients
 
-ROW = 224  # --max-length of the packed rows: the toy samples (29-132 tokens) fit one to four a row
+ROW = 320  # --max-length of the packed rows: the toy samples (29-191 tokens) fit one to four a row
 
 
 def toy_samples(toy_data, tokens):
@@ -35,7 +35,7 @@ def toy_samples(toy_data, tokens):
 
 @pytest.fixture(scope="module")
 def samples(toy_data):
-    """toy_samples at V = 4: 29 to 132 tokens."""
+    """toy_samples at V = 4: 29 to 191 tokens."""
     return toy_samples(toy_data, 4)
 
 
@@ -132,7 +132,7 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(samples, tokenizer, se
 @pytest.mark.parametrize("compressor", ["tokenpacker", "pool", "pixelshuffle", "resampler"])
 def test_every_compressor_keeps_its_visual_tokens_per_sample_when_packed(toy_data, tokenizer, compressor):
     """QueCC above; the others' queries (TokenPacker's regions, the resampler's latents) and outputs
-    are each image's own too. At V = 16, which all of them make: samples of 41 to 126 tokens."""
+    are each image's own too. At V = 16, which all of them make: samples of 29 to 203 tokens."""
     model, _, _ = build(compressor=compressor, tokens=16)
     names = assert_packed_equals_padded(model, toy_samples(toy_data, 16), tokenizer.pad_token_id, ROW + 12)
     assert any(n.startswith("projector.") for n in names)
@@ -154,7 +154,7 @@ def test_a_packed_sample_sees_only_itself(samples, tokenizer, monkeypatch, atten
         block_diagonal_mask(model)
     at_labels, loss = [], modeling_vlm.label_loss
     monkeypatch.setattr(modeling_vlm, "label_loss", lambda head, hidden, targets: at_labels.append(hidden) or loss(head, hidden, targets))
-    first, second = samples[2], samples[3]  # two image samples, 130 + 92 tokens: one row
+    first, second = samples[6], samples[7]  # two image samples, 127 + 94 tokens: one row
     changed = dict(first, pixel_values=first["pixel_values"].flip(-1),
                    input_ids=[t if label != IGNORE or t == IMAGE_SLOT or k == 0 else (t + 1) % 300 + 3
                               for k, (t, label) in enumerate(zip(first["input_ids"], first["labels"]))])
@@ -181,14 +181,14 @@ def test_a_packed_row_attends_one_sample_at_a_time(samples, tokenizer, monkeypat
         calls.append((query.shape[0], query.shape[2], mask is not None))  # rows, length, masked
         return sdpa(module, query, key, value, mask, **kwargs)
     monkeypatch.setattr(modeling_vlm, "sdpa_attention_forward", recorded)
-    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 130, 92 and 88 tokens: two rows, 130 alone
+    layers, three = model.llm.config.num_hidden_layers, samples[2:5]  # 191, 156 and 150 tokens: two rows, 191 alone
     packed = conversation.collate_packed(three, tokenizer.pad_token_id, ROW, 1)[0]
     padded = conversation.collate(three, tokenizer.pad_token_id)
     spans = [n for row in packed["position_ids"]
              for n in torch.cat([(row == 0).nonzero().flatten(), torch.tensor([len(row)])]).diff().tolist()]
-    assert sorted(spans) == sorted([130, 92, 88, 180 - 130])  # the three samples, the padding of the short row
+    assert sorted(spans) == sorted([191, 156, 150, 306 - 191])  # the three samples, the padding of the short row
     with torch.no_grad():
-        for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 130, True)])):
+        for batch, expected in ((packed, [(1, n, False) for n in spans]), (padded, [(3, 191, True)])):
             calls.clear()
             model(**batch)
             assert all(rows == 3 for rows, _, _ in calls[:layers])  # QueCC's question pass, as sdpa

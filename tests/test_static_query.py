@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_model(compressor, tokens=4):
-    model, tokenizer, image_processor = conftest.sharp_model(compressor, tokens)
+    model, tokenizer, image_processor = conftest.sharp_model(compressor, tokens, draw=8)  # 3+ answers in fp64
     return model.double(), tokenizer, image_processor
 
 
