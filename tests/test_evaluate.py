@@ -207,11 +207,12 @@ def test_cached_features_give_the_answers_of_the_images(checkpoint, toy_data, un
     assert "benchmark image features" not in second.stderr  # nothing left to encode
     for bench in BENCHES.split(","):
         expected = [r["text"] for r in answers(uninterrupted, bench)]
-        cached = [r["text"] for r in answers(tmp_path / "a", bench)]
+        rows = answers(tmp_path / "a", bench)
+        cached = [r["text"] for r in rows]
         assert [r["text"] for r in answers(tmp_path / "b", bench)] == cached  # read back, the same features
         # fp16 storage rounds the features: where two tokens of this random model all but tie, a
         # greedy answer may flip (one of the 65 reasoning answers with the tower of width 32)
         assert len(cached) == len(expected) and sum(a != b for a, b in zip(cached, expected)) <= 1, bench
-        assert answers(tmp_path / "a", bench)[0]["metadata"]["cached_features"] is True
+        assert rows[0]["metadata"]["cached_features"] is True
     mixed = evaluate(checkpoint, toy_data, tmp_path / "a", check=False)
     assert mixed.returncode != 0

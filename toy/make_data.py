@@ -212,17 +212,18 @@ def main():
                 if kind != "ocr":
                     in_words.append(dict(row, scene=caption(scene)))
             continue
+        words = caption(scene)
         pretrain.append({"id": f"cap-{i}", "image": image, "conversations": [
             {"from": "human", "value": with_image_tag(rng, rng.choice(DESCRIBE))},
-            {"from": "gpt", "value": caption(scene)}]})
+            {"from": "gpt", "value": words}]})
         turns = []
         for kind, question, answer in conversation_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
-        # Last, the whole scene in words: most of LLaVA-665K's answer tokens are long answers
+        # Last, stage 1's caption again: most of LLaVA-665K's answer tokens are long answers
         # (LLaVA-Instruct, ShareGPT), and one-word answers alone teach a VLM little of reading the
         # image. Last, so that no question can copy its answer from it. (The prompts in turn: the
         # random draws, and so the scenes and held-out questions, stay as they were without it.)
-        turns += [{"from": "human", "value": DESCRIBE[i % len(DESCRIBE)]}, {"from": "gpt", "value": caption(scene)}]
+        turns += [{"from": "human", "value": DESCRIBE[i % len(DESCRIBE)]}, {"from": "gpt", "value": words}]
         turns[0]["value"] = with_image_tag(rng, turns[0]["value"])
         finetune.append({"id": f"qa-{i}", "image": image, "conversations": turns})
         if i % 20 == 0:
