@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from toy import demo
+from toy import demo, make_data
 from toy import summary as toy_summary
 from conftest import ROOT, run_script
 
@@ -395,6 +395,17 @@ def test_an_out_of_the_one_compressor_demo_is_refused(monkeypatch, tmp_path):
     """Its runs are named without their compressor: read as another's, they would be wrong numbers."""
     (tmp_path / "settings.json").write_text(json.dumps({"compressor": "pool"}))
     with pytest.raises(SystemExit, match="holds runs of an earlier demo, named without their compressor \\(pool\\)"):
+        demo.check_settings(str(tmp_path), demo_args(monkeypatch))
+
+
+def test_an_out_made_by_another_data_generator_is_refused(monkeypatch, tmp_path):
+    """The demo makes its data once per --out: runs on data from a generator changed since (as the
+    caption turn changed it) would be the old world's study reported under today's code."""
+    demo.check_settings(str(tmp_path), demo_args(monkeypatch))
+    demo.check_settings(str(tmp_path), demo_args(monkeypatch))  # the same generator: taken
+    # the image tag always first: the training conversations change, the pretrained models' worlds do not
+    monkeypatch.setattr(make_data, "with_image_tag", lambda rng, text: f"<image>\n{text}")
+    with pytest.raises(SystemExit, match="toy data generator"):
         demo.check_settings(str(tmp_path), demo_args(monkeypatch))
 
 

@@ -50,7 +50,7 @@ import compressors
 import guard
 import toy
 import vlm
-from toy import pretrain, summary
+from toy import make_data, pretrain, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: scripts run from there
 # Two seeds of 12 cells, 24 runs: the smallest grid that spans 20x in LLM size (the shipped pretrained
@@ -64,6 +64,9 @@ STAGE1_BATCH, STAGE2_BATCH, STAGE2_LR = 32, 16, 3e-4
 STAGE1_STEPS, STAGE2_STEPS = 50, 120
 # Stage 2 scores the first CURVE_QUESTIONS held-out reasoning questions CURVE_POINTS times as it trains.
 CURVE_POINTS, CURVE_QUESTIONS = 5, 70
+# Every training image asks as many of its question types as can share one conversation without
+# giving an answer away (about four), then for its caption: several answers for one encoding and one sequence
+QUESTIONS_PER_IMAGE = 6
 
 # The paper's scaling grid (section 3.2): Qwen1.5 chat LLMs x V, LLaVA-1.5 data, both suites, TokenPacker
 # compression, stage-2 batch doubled to 256; the fit on the nominal sizes (the release's values.py).
@@ -144,7 +147,8 @@ def parse_args():
 # the refusal names them.
 RUN_SETTINGS = ("vision", "stage1_steps", "stage2_steps", "num_train", "num_eval", "seeds")
 CODE_SETTINGS = {"stage1_batch": "stage-1 batch size", "stage2_batch": "stage-2 batch size",
-                 "stage2_lr": "stage-2 learning rates", "pretrained": "pretrained toy models"}
+                 "stage2_lr": "stage-2 learning rates", "pretrained": "pretrained toy models",
+                 "data": "toy data generator"}
 
 
 def stage2_lr(size):
@@ -159,7 +163,9 @@ def check_settings(out, args):
     settings = {name: getattr(args, name) for name in RUN_SETTINGS}
     settings.update(stage1_batch=STAGE1_BATCH, stage2_batch=STAGE2_BATCH,
                     stage2_lr={size: stage2_lr(size) for size in sorted(toy.LLM_SIZES)},
-                    pretrained={name: fingerprint(pretrain.settings(name)) for name in (*toy.PRETRAINED_LLMS, toy.VISION)})
+                    pretrained={name: fingerprint(pretrain.settings(name)) for name in (*toy.PRETRAINED_LLMS, toy.VISION)},
+                    # the data in --out is made once: a changed generator would leave the old world under the new code
+                    data=make_data.fingerprint(questions_per_image=QUESTIONS_PER_IMAGE))
     if os.path.exists(path):
         saved = json.load(open(path))
         if "compressor" in saved:  # one compressor per --out, its runs named without it
@@ -470,11 +476,8 @@ def main():
 
     bar = tqdm(total=1 + 3 * len(grid) + 1, desc="demo")
     if not os.path.exists(os.path.join(data, "finetune.json")):
-        # every training image asks as many of its question types as can share one conversation
-        # without giving an answer away (about four), then for its caption: several answers for one
-        # encoding and one sequence
         run(log, "-m", "toy.make_data", "--out", data, "--num-train", str(args.num_train),
-            "--num-eval", str(args.num_eval), "--questions-per-image", "6")
+            "--num-eval", str(args.num_eval), "--questions-per-image", str(QUESTIONS_PER_IMAGE))
     bar.update()
     pretrain_missing(log, args)
     ceilings = text_ceilings(out, data, args.sizes) if all(toy.is_toy(size) for size in args.sizes) else {}

@@ -19,9 +19,11 @@ and its question format (question_id, image, question, answers, category = quest
     python -m toy.make_data --out data/toy
 """
 import argparse
+import hashlib
 import json
 import os
 import random
+import tempfile
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -184,25 +186,16 @@ def write_jsonl(path, rows):
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data/toy")
-    parser.add_argument("--num-train", type=int, default=2000, help="training images")
-    parser.add_argument("--num-eval", type=int, default=300, help="held-out images")
-    parser.add_argument("--word-fraction", type=float, default=0.5, help="images with a word in them")
-    parser.add_argument("--questions-per-image", type=int, default=0,
-                        help="questions per training image, at most, before its caption; 0: 1 to 3 at random")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    rng = random.Random(args.seed)
-    os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
+def generate(out, num_train, num_eval, word_fraction=0.5, questions_per_image=0, seed=0, progress=True):
+    """Write the world into out (the files the module's docstring lists)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
     pretrain, finetune, reasoning, ocr, in_words, scenes = [], [], [], [], [], {}
-    for i in tqdm(range(args.num_train + args.num_eval), desc="toy images"):
-        held_out = i >= args.num_train
-        scene = make_scene(rng, rng.random() < args.word_fraction)
+    for i in tqdm(range(num_train + num_eval), desc="toy images", disable=not progress):
+        held_out = i >= num_train
+        scene = make_scene(rng, rng.random() < word_fraction)
         image = f"{'eval' if held_out else 'train'}_{i:06d}.png"
-        render(scene).save(os.path.join(args.out, "images", image))
+        render(scene).save(os.path.join(out, "images", image))
         scenes[image] = scene
         if held_out:  # one question of each type
             for kind, question, answer in questions(rng, scene):
@@ -217,7 +210,7 @@ def main():
             {"from": "human", "value": with_image_tag(rng, rng.choice(DESCRIBE))},
             {"from": "gpt", "value": words}]})
         turns = []
-        for kind, question, answer in conversation_questions(rng, scene, args.questions_per_image or rng.randint(1, 3)):
+        for kind, question, answer in conversation_questions(rng, scene, questions_per_image or rng.randint(1, 3)):
             turns += [{"from": "human", "value": question + SHORT}, {"from": "gpt", "value": answer}]
         # Last, stage 1's caption again: most of LLaVA-665K's answer tokens are long answers
         # (LLaVA-Instruct, ShareGPT), and one-word answers alone teach a VLM little of reading the
@@ -229,21 +222,56 @@ def main():
         if i % 20 == 0:
             finetune.append(text_only_sample(rng, i))
 
-    with open(os.path.join(args.out, "scenes.json"), "w") as f:
+    with open(os.path.join(out, "scenes.json"), "w") as f:
         json.dump(scenes, f)
-    with open(os.path.join(args.out, "pretrain.json"), "w") as f:
+    with open(os.path.join(out, "pretrain.json"), "w") as f:
         json.dump(pretrain, f)
-    with open(os.path.join(args.out, "finetune.json"), "w") as f:
+    with open(os.path.join(out, "finetune.json"), "w") as f:
         json.dump(finetune, f)
     for bench, rows in (("toy_reasoning", reasoning), ("toy_ocr", ocr)):  # 03_evaluate's --data-root layout
-        folder = os.path.join(args.out, "eval", bench)
+        folder = os.path.join(out, "eval", bench)
         os.makedirs(folder, exist_ok=True)
         write_jsonl(os.path.join(folder, "questions.jsonl"), rows)
         if not os.path.lexists(os.path.join(folder, "images")):
             os.symlink(os.path.join("..", "..", "images"), os.path.join(folder, "images"))
-    write_jsonl(os.path.join(args.out, "eval", "toy_reasoning", "scenes.jsonl"), in_words)
-    print(f"{args.out}: {len(pretrain)} captions, {len(finetune)} finetune samples, "
-          f"{len(reasoning)} reasoning and {len(ocr)} OCR held-out questions")
+    write_jsonl(os.path.join(out, "eval", "toy_reasoning", "scenes.jsonl"), in_words)
+    return len(pretrain), len(finetune), len(reasoning), len(ocr)
+
+
+def fingerprint(**settings):
+    """What generate writes with these settings, at 21 training images (a text-only sample at the
+    first and the last) and 3 held-out ones, in 16 hex digits: the demo keeps it beside its runs,
+    so that data made by another generator is refused, not reused (toy/demo.py). Images count by
+    their pixels, not their PNG bytes, which another Pillow may compress otherwise."""
+    digest = hashlib.sha1()
+    with tempfile.TemporaryDirectory() as out:
+        generate(out, num_train=21, num_eval=3, progress=False, **settings)
+        for folder, _, files in sorted(os.walk(out)):  # the eval folders' image links are not followed
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, out).encode())
+                if name.endswith(".png"):
+                    with Image.open(path) as image:
+                        digest.update(image.tobytes())
+                else:
+                    digest.update(open(path, "rb").read())
+    return digest.hexdigest()[:16]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/toy")
+    parser.add_argument("--num-train", type=int, default=2000, help="training images")
+    parser.add_argument("--num-eval", type=int, default=300, help="held-out images")
+    parser.add_argument("--word-fraction", type=float, default=0.5, help="images with a word in them")
+    parser.add_argument("--questions-per-image", type=int, default=0,
+                        help="questions per training image, at most, before its caption; 0: 1 to 3 at random")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    captions, finetune, reasoning, ocr = generate(args.out, args.num_train, args.num_eval, args.word_fraction,
+                                                  args.questions_per_image, args.seed)
+    print(f"{args.out}: {captions} captions, {finetune} finetune samples, "
+          f"{reasoning} reasoning and {ocr} OCR held-out questions")
 
 
 if __name__ == "__main__":
