@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 import conversation
 import toy
@@ -172,6 +173,16 @@ def test_the_pretraining_cache_is_reused_and_remade_when_its_settings_change(tmp
     assert toy.pretrained_dir("toy-xxs") is None
     with pytest.raises(SystemExit, match="python -m toy.pretrain --models toy-xxs"):
         toy.load_llm("toy-xxs")
+
+
+def test_a_tower_pretrained_on_other_images_is_stale(monkeypatch):
+    """The tower's settings fingerprint the world's images as an LLM's do its text: with the world
+    drawn otherwise, the shipped tower is not taken (the LLMs, which read no image, still are)."""
+    assert toy.pretrained_dir(toy.VISION) == os.path.join(toy.SHIPPED, toy.VISION)
+    render = make_data.render
+    monkeypatch.setattr(make_data, "render", lambda scene: render(scene).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert toy.pretrained_dir(toy.VISION) is None
+    assert toy.pretrained_dir("toy-s") == os.path.join(toy.SHIPPED, "toy-s")
 
 
 def test_the_pretrained_tower_carries_each_objects_colour_and_shape(toy_data):

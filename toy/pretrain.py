@@ -11,8 +11,8 @@ warm-up then cosine decay; the text ceiling on fresh scenes is logged as it goes
 tower: the toy CLIP from its random init, trained to name, per cell of the 3x3 grid, the colour
 and shape of the object there (or none) and the word written there (or none), read from its
 cell's mean patch feature of the layer the projector reads.
-Every folder records its settings (SETTINGS_FILE); a folder whose settings differ from today's is
-stale and is made again. --models picks which, --conversations / --images shorten the recipe (tests).
+Every folder records its settings (SETTINGS_FILE: recipe, architecture and a fingerprint of the world
+it learned); a folder whose settings differ from today's is stale and is made again. --models picks which, --conversations / --images shorten the recipe (tests).
 """
 import argparse
 import hashlib
@@ -38,17 +38,29 @@ VISION_RECIPE = dict(images=6400, batch_size=16, lr=2e-3, warmup=40, seed=0)
 
 
 def settings(name, **overrides):
-    """What decides a pretrained model: its recipe, its architecture, and (LLMs) the tokenizer and
-    the world's text, fingerprinted by a few of the corpus's conversations."""
+    """What decides a pretrained model: its recipe, its architecture, and the world it learns,
+    fingerprinted: an LLM's by the tokenizer and a few of the corpus's conversations, the tower's by
+    a few of its images (images_fingerprint)."""
     if name == toy.VISION:
         architecture = {k: v for k, v in toy.vision_config().to_diff_dict().items() if k != "transformers_version"}
-        return dict(model=name, architecture=architecture, **dict(VISION_RECIPE, **overrides))
+        return dict(model=name, architecture=architecture, world=images_fingerprint(), **dict(VISION_RECIPE, **overrides))
     # the rate up to width 128, times 128/width above (toy-l): an Adam step moves a layer's output in
     # proportion to width x lr, and the probe behind docs/toy_world.md saw width 128 stall at 2e-3
     recipe = dict(LLM_RECIPE, lr=LLM_RECIPE["lr"] * min(1, 128 / toy.LLM_SIZES[name][0]), **overrides)
     sample = json.dumps([text_conversation(random.Random(0), recipe["describe"]) for _ in range(20)])
     return dict(model=name, architecture=list(toy.LLM_SIZES[name]), tokenizer=toy.tokenizer_hash(),
                 world=hashlib.sha1(sample.encode()).hexdigest()[:16], **recipe)
+
+
+def images_fingerprint():
+    """The world's images as the tower learns them, a few rendered scenes with their per-cell labels:
+    a change to how the world is drawn makes a pretrained tower stale, as its text does an LLM."""
+    rng, digest = random.Random(0), hashlib.sha1()
+    for _ in range(20):
+        scene = make_data.make_scene(rng, rng.random() < 0.5)
+        digest.update(make_data.render(scene).tobytes())
+        digest.update(json.dumps(scene_labels(scene)).encode())
+    return digest.hexdigest()[:16]
 
 
 def text_conversation(rng, describe):
