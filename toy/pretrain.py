@@ -11,8 +11,9 @@ warm-up then cosine decay; the text ceiling on fresh scenes is logged as it goes
 tower: the toy CLIP from its random init, trained to name, per cell of the 3x3 grid, the colour
 and shape of the object there (or none) and the word written there (or none), read from its
 cell's mean patch feature of the layer the projector reads.
-Every folder records its settings (SETTINGS_FILE: recipe, architecture and a fingerprint of the world
-it learned); a folder whose settings differ from today's is stale and is made again. --models picks which, --conversations / --images shorten the recipe (tests).
+Every folder records its settings (SETTINGS_FILE: recipe, architecture and a fingerprint of the
+world it learned); a folder whose settings differ from today's is stale and is made again.
+--models picks which, --conversations / --images shorten the recipe (tests).
 """
 import argparse
 import hashlib
